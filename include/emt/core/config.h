@@ -1,0 +1,381 @@
+// Typed run configuration: YAML -> these structs, validated once by load_config(); nothing below the loader
+// ever sees a YAML node or a string key. Every struct lists its fields once in visit(), which drives loading,
+// dumping, command-line overrides and the config reference (docs/config.md is checked against it by a test).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace emt {
+
+struct RunSection {
+  std::string name = "run";          // run directory name under out_dir
+  std::string out_dir = "runs";      // parent directory of run directories
+  std::string device = "auto";       // auto | cpu | cuda | cuda:N
+  int threads = 0;                   // intra-op threads, 0 = all cores
+  int64_t seed = 0;                  // seeds every RNG (torch, data order, dropout)
+  std::string dtype = "f32";         // weights dtype: f32 | bf16 | f16
+  std::string log_level = "info";    // debug | info | warn | error
+  bool deterministic = true;         // deterministic algorithms where available
+
+  template <class V> void visit(V& v) {
+    v("name", name, "run directory name under run.out_dir");
+    v("out_dir", out_dir, "parent directory of run directories");
+    v("device", device, "auto | cpu | cuda | cuda:N");
+    v("threads", threads, "intra-op threads; 0 = all cores");
+    v("seed", seed, "seed for every RNG (weights init, data order, dropout, sampling)");
+    v("dtype", dtype, "dtype of frozen weights: f32 | bf16 | f16");
+    v("log_level", log_level, "debug | info | warn | error");
+    v("deterministic", deterministic, "use deterministic algorithms where LibTorch has them");
+  }
+};
+
+// CLIP vision tower (HF CLIPVisionConfig semantics) plus LLaVA's feature selection.
+struct VisionConfig {
+  int image_size = 28;
+  int patch_size = 7;
+  int num_channels = 3;
+  int hidden_size = 96;
+  int num_layers = 3;
+  int num_heads = 4;
+  int intermediate_size = 384;
+  std::string hidden_act = "quick_gelu";  // quick_gelu | gelu
+  double layer_norm_eps = 1e-5;
+  int select_layer = -2;                  // hidden state used as image features (LLaVA: -2)
+  std::string select_feature = "patch";   // patch (drop CLS) | cls_patch
+
+  template <class V> void visit(V& v) {
+    v("image_size", image_size, "input resolution (square)");
+    v("patch_size", patch_size, "patch edge in pixels");
+    v("num_channels", num_channels, "input channels");
+    v("hidden_size", hidden_size, "encoder width");
+    v("num_layers", num_layers, "encoder layers");
+    v("num_heads", num_heads, "attention heads");
+    v("intermediate_size", intermediate_size, "MLP width");
+    v("hidden_act", hidden_act, "quick_gelu | gelu");
+    v("layer_norm_eps", layer_norm_eps, "LayerNorm epsilon");
+    v("select_layer", select_layer, "hidden state index used as image features (negative counts from the end)");
+    v("select_feature", select_feature, "patch (drop CLS) | cls_patch (keep CLS)");
+  }
+};
+
+// CLIP text tower (HF CLIPTextConfig semantics), used for the zero-shot baseline and the CLIP scorer.
+struct ClipTextConfig {
+  int vocab_size = 512;
+  int hidden_size = 96;
+  int num_layers = 2;
+  int num_heads = 4;
+  int intermediate_size = 384;
+  int max_position_embeddings = 32;
+  std::string hidden_act = "quick_gelu";
+  double layer_norm_eps = 1e-5;
+  int projection_dim = 64;  // shared image-text embedding width
+
+  template <class V> void visit(V& v) {
+    v("vocab_size", vocab_size, "text vocabulary size");
+    v("hidden_size", hidden_size, "text encoder width");
+    v("num_layers", num_layers, "text encoder layers");
+    v("num_heads", num_heads, "attention heads");
+    v("intermediate_size", intermediate_size, "MLP width");
+    v("max_position_embeddings", max_position_embeddings, "longest text in tokens");
+    v("hidden_act", hidden_act, "quick_gelu | gelu");
+    v("layer_norm_eps", layer_norm_eps, "LayerNorm epsilon");
+    v("projection_dim", projection_dim, "width of the joint image-text embedding");
+  }
+};
+
+// LLaMA-style decoder (HF LlamaConfig semantics).
+struct LlmConfig {
+  int vocab_size = 512;
+  int hidden_size = 128;
+  int num_layers = 4;
+  int num_heads = 4;
+  int num_kv_heads = 4;
+  int intermediate_size = 344;
+  double rope_theta = 10000.0;
+  double rms_norm_eps = 1e-6;
+  int max_position_embeddings = 256;
+  bool tie_word_embeddings = false;
+
+  template <class V> void visit(V& v) {
+    v("vocab_size", vocab_size, "vocabulary size (rows of embed_tokens and lm_head)");
+    v("hidden_size", hidden_size, "decoder width");
+    v("num_layers", num_layers, "decoder layers");
+    v("num_heads", num_heads, "query heads");
+    v("num_kv_heads", num_kv_heads, "key/value heads (grouped-query attention); divides num_heads");
+    v("intermediate_size", intermediate_size, "SwiGLU width");
+    v("rope_theta", rope_theta, "RoPE base");
+    v("rms_norm_eps", rms_norm_eps, "RMSNorm epsilon");
+    v("max_position_embeddings", max_position_embeddings, "longest sequence (KV cache capacity)");
+    v("tie_word_embeddings", tie_word_embeddings, "lm_head shares embed_tokens' weight");
+  }
+};
+
+struct ModelSection {
+  std::string pretrained;               // HF model directory; empty = the built-in tiny base model
+  std::string projector = "linear";     // linear | mlp2x_gelu
+  std::string conversation = "plain";   // plain | vicuna_v1 | llava_v0
+  std::string system_prompt;            // empty = the template's default
+  std::string tokenizer;                // tokenizer.model path; empty = from `pretrained` or the tiny recipe
+  VisionConfig vision;
+  ClipTextConfig clip_text;
+  LlmConfig llm;
+
+  template <class V> void visit(V& v) {
+    v("pretrained", pretrained, "HF-layout model directory; empty = built-in tiny base model (emt pretrain)");
+    v("projector", projector, "linear | mlp2x_gelu");
+    v("conversation", conversation, "prompt template: plain | vicuna_v1 | llava_v0");
+    v("system_prompt", system_prompt, "system text; empty = the template's default");
+    v("tokenizer", tokenizer, "SentencePiece tokenizer.model; empty = from model.pretrained or the tiny recipe");
+    v("vision", vision, "CLIP vision tower shape");
+    v("clip_text", clip_text, "CLIP text tower shape");
+    v("llm", llm, "language model shape");
+  }
+};
+
+struct DatasetConfig {
+  std::string format = "idx";  // idx | cifar10 | cifar100 | imagefolder | manifest | llava_json | synthetic
+  std::string path;            // directory or file; relative paths resolve against data.root
+  std::vector<std::string> class_names;  // override the format's own class names
+  std::string class_map;       // ImageFolder: file mapping folder name -> class name
+  std::string prompt;          // question; empty = the paper's prompt for this dataset
+  std::string answer = "The object is a(n) {label}.";  // fine-tuning answer template
+  std::vector<std::string> aliases;  // extra "alias=label" pairs for the strict scorer
+  int64_t train_max_samples = 0;     // 0 = all
+  int64_t test_max_samples = 0;      // 0 = all
+  double test_fraction = 1.0;        // the paper scores 20% of each test set
+  bool balanced = false;             // subsets take the same count per class
+  bool skip_bad = false;             // skip (and count) undecodable images instead of failing
+
+  template <class V> void visit(V& v) {
+    v("format", format, "idx | cifar10 | cifar100 | imagefolder | manifest | llava_json | synthetic");
+    v("path", path, "directory or file; relative to data.root");
+    v("class_names", class_names, "override the class names the format provides");
+    v("class_map", class_map, "ImageFolder: text file 'folder name' per line, e.g. miniImageNet wnid -> name");
+    v("prompt", prompt, "question; empty = the paper's prompt for this dataset");
+    v("answer", answer, "fine-tuning answer template; {label} is replaced");
+    v("aliases", aliases, "extra 'alias=label' pairs the strict scorer accepts");
+    v("train_max_samples", train_max_samples, "deterministic train subset size; 0 = all");
+    v("test_max_samples", test_max_samples, "deterministic test subset size; 0 = all");
+    v("test_fraction", test_fraction, "fraction of the test split that is scored (paper: 0.2)");
+    v("balanced", balanced, "subsets take the same number per class");
+    v("skip_bad", skip_bad, "skip and count undecodable images instead of failing");
+  }
+};
+
+struct DataSection {
+  std::string root = "data";
+  int workers = 2;   // background decode/preprocess threads
+  int prefetch = 4;  // batches prepared ahead
+  std::map<std::string, DatasetConfig> datasets;
+
+  template <class V> void visit(V& v) {
+    v("root", root, "base directory for relative dataset paths");
+    v("workers", workers, "background decode/preprocess threads");
+    v("prefetch", prefetch, "batches prepared ahead of the trainer");
+    v("datasets", datasets, "named datasets: name -> dataset settings");
+  }
+};
+
+struct LoraConfig {
+  int r = 64;
+  double alpha = 16.0;
+  double dropout = 0.05;
+  std::vector<std::string> target_modules = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                             "gate_proj", "up_proj", "down_proj"};
+  std::string target_regex;             // if set, replaces target_modules
+  std::vector<std::string> exclude;     // module-name substrings never adapted
+  bool use_rslora = false;              // scale alpha/sqrt(r) instead of alpha/r
+  std::string init = "kaiming";         // kaiming (PEFT default) | gaussian
+  std::map<std::string, int64_t> rank_pattern;    // module-name pattern -> r
+  std::map<std::string, double> alpha_pattern;    // module-name pattern -> alpha
+
+  template <class V> void visit(V& v) {
+    v("r", r, "LoRA rank");
+    v("alpha", alpha, "LoRA alpha (scale = alpha / r)");
+    v("dropout", dropout, "dropout on the LoRA input");
+    v("target_modules", target_modules, "module names to adapt, or [all-linear]");
+    v("target_regex", target_regex, "regex on module paths; replaces target_modules when set");
+    v("exclude", exclude, "module names never adapted");
+    v("use_rslora", use_rslora, "rank-stabilized scale alpha / sqrt(r)");
+    v("init", init, "kaiming (A Kaiming-uniform, B zeros) | gaussian");
+    v("rank_pattern", rank_pattern, "per-module rank: name pattern -> r");
+    v("alpha_pattern", alpha_pattern, "per-module alpha: name pattern -> alpha");
+  }
+};
+
+struct PromptTuningConfig {
+  int num_virtual_tokens = 8;
+  std::string init = "random";  // random | text
+  std::string init_text;
+
+  template <class V> void visit(V& v) {
+    v("num_virtual_tokens", num_virtual_tokens, "learned embeddings placed before the text");
+    v("init", init, "random | text");
+    v("init_text", init_text, "text whose token embeddings initialise the prompt (init: text)");
+  }
+};
+
+struct FinetuneSection {
+  std::string dataset;              // the ONE dataset fine-tuned on (emt train); the study sets it per cell
+  std::string method = "lora";      // linear | lora | lora-only | prompt | linear+prompt | full
+  int epochs = 3;
+  int64_t max_steps = 0;            // > 0 stops after this many optimizer steps
+  int batch_size = 16;              // per optimizer micro-step
+  int grad_accum = 1;
+  double lr = 2e-4;
+  double projector_lr = 0.0;        // 0 = same as lr (LLaVA's mm_projector_lr)
+  double weight_decay = 0.0;
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_eps = 1e-8;
+  std::string schedule = "cosine";  // constant | linear | cosine
+  double warmup_ratio = 0.03;
+  int64_t warmup_steps = 0;         // > 0 overrides warmup_ratio
+  double max_grad_norm = 1.0;       // 0 = no clipping
+  std::string precision = "f32";    // f32 | bf16 (autocast)
+  bool grad_checkpointing = false;
+  int nan_patience = 5;             // stop after this many non-finite steps in a row
+  int keep_last_n = 0;              // 0 = keep every epoch checkpoint
+  int64_t checkpoint_every_steps = 0;
+  int64_t log_every_steps = 10;
+  LoraConfig lora;
+  PromptTuningConfig prompt_tuning;
+
+  template <class V> void visit(V& v) {
+    v("dataset", dataset, "name of the ONE dataset to fine-tune on (a key of data.datasets)");
+    v("method", method, "linear | lora | lora-only | prompt | linear+prompt | full");
+    v("epochs", epochs, "epochs to train");
+    v("max_steps", max_steps, "stop after this many optimizer steps; 0 = no limit");
+    v("batch_size", batch_size, "samples per micro-step");
+    v("grad_accum", grad_accum, "micro-steps per optimizer step");
+    v("lr", lr, "peak learning rate");
+    v("projector_lr", projector_lr, "projector learning rate; 0 = lr");
+    v("weight_decay", weight_decay, "AdamW decoupled weight decay (never on norms and biases)");
+    v("adam_beta1", adam_beta1, "AdamW beta1");
+    v("adam_beta2", adam_beta2, "AdamW beta2");
+    v("adam_eps", adam_eps, "AdamW epsilon");
+    v("schedule", schedule, "constant | linear | cosine");
+    v("warmup_ratio", warmup_ratio, "warmup as a fraction of total steps");
+    v("warmup_steps", warmup_steps, "warmup steps; > 0 overrides warmup_ratio");
+    v("max_grad_norm", max_grad_norm, "global-norm clipping; 0 = off");
+    v("precision", precision, "f32 | bf16 (autocast)");
+    v("grad_checkpointing", grad_checkpointing, "recompute decoder blocks in backward to save memory");
+    v("nan_patience", nan_patience, "stop after this many non-finite losses in a row");
+    v("keep_last_n", keep_last_n, "epoch checkpoints kept; 0 = all");
+    v("checkpoint_every_steps", checkpoint_every_steps, "extra checkpoint every K steps; 0 = epochs only");
+    v("log_every_steps", log_every_steps, "metrics.jsonl line every K steps");
+    v("lora", lora, "LoRA settings");
+    v("prompt_tuning", prompt_tuning, "prompt-tuning settings");
+  }
+};
+
+struct EvalSection {
+  std::vector<std::string> datasets;     // empty = every dataset in data.datasets
+  int batch_size = 64;
+  int max_new_tokens = 12;
+  int64_t max_samples = 0;               // per dataset, 0 = all of the (fractioned) test split
+  std::string primary_scorer = "strict"; // strict | clip | likelihood | judge
+  std::vector<std::string> scorers = {"strict", "likelihood"};
+  std::string judge_command;             // external judge: reads JSON on stdin, prints yes/no
+  bool clip_baseline = true;             // CLIP zero-shot accuracy of the vision encoder
+  std::vector<std::string> clip_templates = {"a photo of a {label}."};
+  double temperature = 0.0;              // 0 = greedy
+  double top_p = 1.0;
+
+  template <class V> void visit(V& v) {
+    v("datasets", datasets, "datasets scored; empty = all of data.datasets");
+    v("batch_size", batch_size, "generation batch size");
+    v("max_new_tokens", max_new_tokens, "longest answer generated");
+    v("max_samples", max_samples, "test images per dataset; 0 = all");
+    v("primary_scorer", primary_scorer, "strict | clip | likelihood | judge");
+    v("scorers", scorers, "scorers computed besides the primary one");
+    v("judge_command", judge_command, "external judge command (JSON on stdin, yes/no on stdout)");
+    v("clip_baseline", clip_baseline, "score the vision encoder's CLIP zero-shot accuracy");
+    v("clip_templates", clip_templates, "zero-shot prompt ensemble; {label} is replaced");
+    v("temperature", temperature, "sampling temperature; 0 = greedy");
+    v("top_p", top_p, "nucleus sampling mass");
+  }
+};
+
+struct StudySection {
+  std::vector<std::string> finetune_datasets;  // each fine-tuned separately
+  std::vector<std::string> methods = {"linear", "lora"};
+  std::vector<int64_t> seeds = {0};
+  int epochs = 3;
+  std::map<std::string, double> lr_by_method = {{"linear", 2e-3}, {"lora", 2e-4}};
+  bool eval_base = true;
+
+  template <class V> void visit(V& v) {
+    v("finetune_datasets", finetune_datasets, "datasets fine-tuned on, one study cell each");
+    v("methods", methods, "training methods compared");
+    v("seeds", seeds, "seeds per cell");
+    v("epochs", epochs, "epochs per cell; every dataset is re-scored after each");
+    v("lr_by_method", lr_by_method, "learning rate per method (falls back to finetune.lr)");
+    v("eval_base", eval_base, "score the base model as epoch 0");
+  }
+};
+
+// Recipe for the built-in tiny base model (emt pretrain): three stages with the one trainer.
+struct PretrainSection {
+  std::string cache_dir = "models/tiny-base";  // reused when its recorded config matches
+  std::vector<std::string> datasets;           // empty = every dataset in data.datasets
+  int64_t clip_steps = 600;
+  int64_t align_steps = 200;
+  int64_t instruct_steps = 1500;
+  int batch_size = 64;
+  double lr = 2e-3;
+  int64_t tokenizer_vocab = 512;
+  int64_t train_max_samples = 6000;  // per dataset
+
+  template <class V> void visit(V& v) {
+    v("cache_dir", cache_dir, "where the tiny base model is written and reused");
+    v("datasets", datasets, "datasets mixed into pretraining; empty = all");
+    v("clip_steps", clip_steps, "stage a: contrastive CLIP steps");
+    v("align_steps", align_steps, "stage b: projector alignment steps");
+    v("instruct_steps", instruct_steps, "stage c: instruction-tuning steps");
+    v("batch_size", batch_size, "batch size for every stage");
+    v("lr", lr, "peak learning rate for every stage");
+    v("tokenizer_vocab", tokenizer_vocab, "SentencePiece vocabulary trained for the tiny model");
+    v("train_max_samples", train_max_samples, "training images per dataset");
+  }
+};
+
+struct RunConfig {
+  RunSection run;
+  ModelSection model;
+  DataSection data;
+  FinetuneSection finetune;
+  EvalSection eval;
+  StudySection study;
+  PretrainSection pretrain;
+
+  template <class V> void visit(V& v) {
+    v("run", run, "where and how a run executes");
+    v("model", model, "base model: pretrained directory or tiny shapes");
+    v("data", data, "datasets");
+    v("finetune", finetune, "fine-tuning");
+    v("eval", eval, "evaluation");
+    v("study", study, "forgetting study grid");
+    v("pretrain", pretrain, "built-in tiny base-model recipe");
+  }
+};
+
+// Loads `path` (following `extends:` chains, relative to each file), applies `overrides` ("dotted.key=value",
+// the value parsed as YAML, so lists work: `eval.datasets=[mnist,fmnist]`), validates every rule and throws one
+// ConfigError listing ALL problems as `file:line:col: dotted.key: message (got VALUE)`.
+RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// Same, starting from defaults and a YAML string (used by tests and library users); `name` labels errors.
+RunConfig load_config_string(const std::string& yaml, const std::vector<std::string>& overrides = {},
+                             const std::string& name = "<string>");
+// Re-checks the cross-field rules of an already-built config (library users who edit structs in code).
+void validate_config(const RunConfig& cfg);
+// The resolved config as YAML (what `emt config show` prints and every run directory records).
+std::string config_to_yaml(const RunConfig& cfg);
+// Every dotted key with its doc string, in declaration order (map entries shown as `<name>`).
+std::vector<std::pair<std::string, std::string>> config_reference();
+// Closest candidate by edit distance, or "" when none is close enough.
+std::string did_you_mean(const std::string& key, const std::vector<std::string>& candidates);
+
+}  // namespace emt
