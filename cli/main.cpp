@@ -1,6 +1,7 @@
 // The `emt` executable: parses argv with git-style sub-commands, calls the library, maps errors to exit codes.
 #include <emt/core/error.h>
 #include <emt/core/log.h>
+#include <emt/train/trainer.h>
 #include <c10/util/Exception.h>
 
 #include <cstdio>
@@ -41,6 +42,9 @@ int main(int argc, char** argv) {
   } catch (const emt::ConfigError& e) {
     std::fprintf(stderr, "emt: config error:\n%s\n", e.what());
     return kExitUsage;
+  } catch (const emt::Preempted& e) {
+    std::fprintf(stderr, "emt: preempted: %s\n", e.what());
+    return kExitPreempted;
   } catch (const emt::Error& e) {
     std::fprintf(stderr, "emt: error: %s\n", e.what());
     return kExitRuntime;

@@ -220,12 +220,13 @@ struct PromptTuningConfig {
 struct FinetuneSection {
   std::string dataset;              // the ONE dataset fine-tuned on (emt train); the study sets it per cell
   std::string method = "lora";      // linear | lora | lora-only | prompt | linear+prompt | full
+  std::string question = "What is the object in the image?";  // the paper's fine-tuning question
   int epochs = 3;
   int64_t max_steps = 0;            // > 0 stops after this many optimizer steps
   int batch_size = 16;              // per optimizer micro-step
   int grad_accum = 1;
-  double lr = 2e-4;
-  double projector_lr = 0.0;        // 0 = same as lr (LLaVA's mm_projector_lr)
+  double learning_rate = 2e-4;
+  double projector_lr = 0.0;        // 0 = same as learning_rate (LLaVA's mm_projector_lr)
   double weight_decay = 0.0;
   double adam_beta1 = 0.9;
   double adam_beta2 = 0.999;
@@ -246,12 +247,13 @@ struct FinetuneSection {
   template <class V> void visit(V& v) {
     v("dataset", dataset, "name of the ONE dataset to fine-tune on (a key of data.datasets)");
     v("method", method, "linear | lora | lora-only | prompt | linear+prompt | full");
+    v("question", question, "fine-tuning question (the paper: 'What is the object in the image?')");
     v("epochs", epochs, "epochs to train");
     v("max_steps", max_steps, "stop after this many optimizer steps; 0 = no limit");
     v("batch_size", batch_size, "samples per micro-step");
     v("grad_accum", grad_accum, "micro-steps per optimizer step");
-    v("lr", lr, "peak learning rate");
-    v("projector_lr", projector_lr, "projector learning rate; 0 = lr");
+    v("learning_rate", learning_rate, "peak learning rate");
+    v("projector_lr", projector_lr, "projector learning rate; 0 = learning_rate");
     v("weight_decay", weight_decay, "AdamW decoupled weight decay (never on norms and biases)");
     v("adam_beta1", adam_beta1, "AdamW beta1");
     v("adam_beta2", adam_beta2, "AdamW beta2");
@@ -280,6 +282,7 @@ struct EvalSection {
   std::vector<std::string> scorers = {"strict", "likelihood"};
   std::string judge_command;             // external judge: reads JSON on stdin, prints yes/no
   bool clip_baseline = true;             // CLIP zero-shot accuracy of the vision encoder
+  std::string clip_model;                // HF CLIP dir; empty = <base model dir>/clip when present
   std::vector<std::string> clip_templates = {"a photo of a {label}."};
   double temperature = 0.0;              // 0 = greedy
   double top_p = 1.0;
@@ -293,6 +296,7 @@ struct EvalSection {
     v("scorers", scorers, "scorers computed besides the primary one");
     v("judge_command", judge_command, "external judge command (JSON on stdin, yes/no on stdout)");
     v("clip_baseline", clip_baseline, "score the vision encoder's CLIP zero-shot accuracy");
+    v("clip_model", clip_model, "HF CLIP directory for the baseline and the clip scorer; empty = <base>/clip");
     v("clip_templates", clip_templates, "zero-shot prompt ensemble; {label} is replaced");
     v("temperature", temperature, "sampling temperature; 0 = greedy");
     v("top_p", top_p, "nucleus sampling mass");
@@ -304,7 +308,7 @@ struct StudySection {
   std::vector<std::string> methods = {"linear", "lora"};
   std::vector<int64_t> seeds = {0};
   int epochs = 3;
-  std::map<std::string, double> lr_by_method = {{"linear", 2e-3}, {"lora", 2e-4}};
+  std::map<std::string, double> learning_rate_by_method = {{"linear", 2e-3}, {"lora", 2e-4}};
   bool eval_base = true;
 
   template <class V> void visit(V& v) {
@@ -312,7 +316,7 @@ struct StudySection {
     v("methods", methods, "training methods compared");
     v("seeds", seeds, "seeds per cell");
     v("epochs", epochs, "epochs per cell; every dataset is re-scored after each");
-    v("lr_by_method", lr_by_method, "learning rate per method (falls back to finetune.lr)");
+    v("learning_rate_by_method", learning_rate_by_method, "learning rate per method (falls back to finetune.learning_rate)");
     v("eval_base", eval_base, "score the base model as epoch 0");
   }
 };
@@ -325,7 +329,7 @@ struct PretrainSection {
   int64_t align_steps = 200;
   int64_t instruct_steps = 1500;
   int batch_size = 64;
-  double lr = 2e-3;
+  double learning_rate = 2e-3;
   int64_t tokenizer_vocab = 512;
   int64_t train_max_samples = 6000;  // per dataset
 
@@ -336,7 +340,7 @@ struct PretrainSection {
     v("align_steps", align_steps, "stage b: projector alignment steps");
     v("instruct_steps", instruct_steps, "stage c: instruction-tuning steps");
     v("batch_size", batch_size, "batch size for every stage");
-    v("lr", lr, "peak learning rate for every stage");
+    v("learning_rate", learning_rate, "peak learning rate for every stage");
     v("tokenizer_vocab", tokenizer_vocab, "SentencePiece vocabulary trained for the tiny model");
     v("train_max_samples", train_max_samples, "training images per dataset");
   }

@@ -23,6 +23,7 @@ class JsonlWriter {
   JsonlWriter(const JsonlWriter&) = delete;
   JsonlWriter& operator=(const JsonlWriter&) = delete;
   void write(const JsonFields& fields);
+  void write_raw(const std::string& json_object);  // one already-serialised object (no newline)
   const std::string& path() const { return path_; }
 
  private:

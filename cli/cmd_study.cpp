@@ -1,0 +1,44 @@
+// `emt study CONFIG [key=value ...]`: the forgetting study, the main job.
+#include <emt/core/config.h>
+#include <emt/core/log.h>
+#include <emt/core/runtime.h>
+#include <emt/eval/study.h>
+
+#include <iostream>
+
+#include "commands.h"
+
+namespace {
+emt::cli::RegisterCommand reg([](CLI::App& root) {
+  auto* cmd = root.add_subcommand("study", "Run the forgetting study (resumable: rerun to continue)");
+  auto path = std::make_shared<std::string>();
+  auto overrides = std::make_shared<std::vector<std::string>>();
+  auto no_report = std::make_shared<bool>(false);
+  auto list_cells = std::make_shared<bool>(false);
+  cmd->add_option("config", *path, "YAML config")->required();
+  cmd->add_option("overrides", *overrides, "dotted.key=value overrides");
+  cmd->add_flag("--no-report", *no_report, "skip writing RUN_DIR/report");
+  cmd->add_flag("--list-cells", *list_cells, "print the grid, one 'dataset method seed' line per cell, and exit");
+  cmd->callback([=] {
+    auto cfg = emt::load_config(*path, *overrides);
+    if (*list_cells) {
+      for (const auto& d : cfg.study.finetune_datasets)
+        for (const auto& m : cfg.study.methods)
+          for (auto s : cfg.study.seeds) std::cout << d << " " << m << " " << s << "\n";
+      return;
+    }
+    emt::set_log_level(emt::parse_log_level(cfg.run.log_level));
+    int threads = emt::set_threads(cfg.run.threads);
+    emt::seed_everything(static_cast<uint64_t>(cfg.run.seed));
+    emt::log_info("[study] {} intra-op threads, device {}", threads, cfg.run.device);
+    emt::StudyOptions so;
+    so.report = !*no_report;
+    auto s = emt::run_study(cfg, so);
+    std::cout << s.matrix << "\n";
+    std::cout << fmt::format("study finished in {:.0f}s: {} cells trained, {} already complete, {} result rows "
+                             "written\nresults: {}/results.jsonl\n",
+                             s.seconds, s.cells_trained, s.cells_skipped, s.rows_written, s.run_dir);
+    if (!s.report_html.empty()) std::cout << "report:  " << s.report_html << "\n";
+  });
+});
+}  // namespace

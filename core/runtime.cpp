@@ -1,0 +1,153 @@
+// Device/dtype resolution, threads, seeding, atomic file and directory commits.
+#include <emt/core/error.h>
+#include <emt/core/runtime.h>
+#include <fcntl.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+
+namespace emt {
+namespace fs = std::filesystem;
+
+torch::Device resolve_device(const std::string& spec) {
+  if (spec == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  if (spec == "cpu") return torch::Device(torch::kCPU);
+  if (spec == "cuda" || spec.rfind("cuda:", 0) == 0) {
+    int index = 0;
+    if (spec.size() > 5) {
+      const std::string num = spec.substr(5);
+      if (num.empty() || num.find_first_not_of("0123456789") != std::string::npos)
+        throw ConfigError("[runtime] run.device: bad CUDA index in '" + spec + "' (expected cuda:N)");
+      index = std::stoi(num);
+    }
+    if (!torch::cuda::is_available())
+      throw ConfigError("[runtime] run.device: '" + spec + "' requested but this LibTorch build sees no CUDA device");
+    if (index >= static_cast<int>(torch::cuda::device_count()))
+      throw ConfigError("[runtime] run.device: '" + spec + "' but only " +
+                        std::to_string(torch::cuda::device_count()) + " CUDA device(s) exist");
+    return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  throw ConfigError("[runtime] run.device: unknown device '" + spec + "' (expected auto, cpu, cuda or cuda:N)");
+}
+
+torch::ScalarType parse_dtype(const std::string& name) {
+  if (name == "f32" || name == "float32" || name == "fp32") return torch::kFloat32;
+  if (name == "bf16" || name == "bfloat16") return torch::kBFloat16;
+  if (name == "f16" || name == "float16" || name == "fp16") return torch::kFloat16;
+  throw ConfigError("[runtime] unknown dtype '" + name + "' (expected f32, bf16 or f16)");
+}
+
+std::string dtype_name(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32: return "f32";
+    case torch::kBFloat16: return "bf16";
+    case torch::kFloat16: return "f16";
+    case torch::kFloat64: return "f64";
+    case torch::kInt64: return "i64";
+    case torch::kInt32: return "i32";
+    case torch::kInt16: return "i16";
+    case torch::kInt8: return "i8";
+    case torch::kUInt8: return "u8";
+    case torch::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+int set_threads(int n) {
+  if (n < 0) throw ConfigError("[runtime] run.threads must be >= 0 (0 = all cores), got " + std::to_string(n));
+  int want = n == 0 ? static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) : n;
+  torch::set_num_threads(want);
+  return torch::get_num_threads();
+}
+
+void seed_everything(uint64_t seed) {
+  torch::manual_seed(seed);
+  if (torch::cuda::is_available()) torch::cuda::manual_seed_all(seed);
+  std::srand(static_cast<unsigned>(seed));
+}
+
+namespace {
+[[noreturn]] void io_fail(const std::string& what, const std::string& path, int err) {
+  throw IoError("[io] " + what + " '" + path + "': " + std::strerror(err));
+}
+void fsync_dir(const fs::path& dir) {
+  int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+}  // namespace
+
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  fs::path p(path);
+  std::error_code ec;
+  if (p.has_parent_path()) fs::create_directories(p.parent_path(), ec);
+  std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) io_fail("cannot create", tmp, errno);
+  size_t off = 0;
+  while (off < bytes.size()) {
+    ssize_t w = ::write(fd, bytes.data() + off, bytes.size() - off);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      int e = errno;
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      io_fail("write failed for", path, e);
+    }
+    off += static_cast<size_t>(w);
+  }
+  if (::fsync(fd) != 0) {
+    int e = errno;
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    io_fail("fsync failed for", path, e);
+  }
+  ::close(fd);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    int e = errno;
+    ::unlink(tmp.c_str());
+    io_fail("rename failed for", path, e);
+  }
+  fsync_dir(p.parent_path());
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw IoError("[io] cannot open '" + path + "': " + std::strerror(errno));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) throw IoError("[io] read failed for '" + path + "'");
+  return ss.str();
+}
+
+void commit_dir_atomic(const std::string& tmp_dir, const std::string& final_dir) {
+  std::error_code ec;
+  fs::path fin(final_dir);
+  if (!fs::exists(tmp_dir)) throw IoError("[io] cannot commit '" + final_dir + "': staging dir '" + tmp_dir + "' is missing");
+  fs::path old;
+  if (fs::exists(fin)) {
+    old = fin;
+    old += ".old." + std::to_string(::getpid());
+    fs::remove_all(old, ec);
+    fs::rename(fin, old, ec);
+    if (ec) throw IoError("[io] cannot move old '" + final_dir + "' aside: " + ec.message());
+  }
+  fs::rename(tmp_dir, fin, ec);
+  if (ec) {
+    if (!old.empty()) fs::rename(old, fin);  // put the previous version back
+    throw IoError("[io] cannot rename '" + tmp_dir + "' to '" + final_dir + "': " + ec.message());
+  }
+  fsync_dir(fin.parent_path());
+  if (!old.empty()) fs::remove_all(old, ec);
+}
+
+}  // namespace emt

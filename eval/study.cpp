@@ -1,0 +1,256 @@
+// The forgetting study driver: one Trainer per cell, the one Evaluator after every epoch, resumable results.
+#include <emt/adapters/policy.h>
+#include <emt/core/log.h>
+#include <emt/core/metrics.h>
+#include <emt/core/runtime.h>
+#include <emt/eval/evaluator.h>
+#include <emt/eval/report.h>
+#include <emt/eval/study.h>
+#include <emt/train/finetune.h>
+#include <emt/train/pretrain.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+namespace emt {
+namespace fs = std::filesystem;
+
+std::string study_cell_name(const std::string& dataset, const std::string& method, int64_t seed) {
+  std::string m = method;
+  for (auto& c : m)
+    if (c == '+' || c == '/' || c == '=' || c == ',') c = '-';
+  return dataset + "__" + m + "__seed" + std::to_string(seed);
+}
+
+namespace {
+
+// Rows already in results.jsonl (a torn last line from a killed process is ignored with a warning).
+std::set<std::string> done_keys(const std::string& path) {
+  std::set<std::string> keys;
+  if (!fs::exists(path)) return keys;
+  std::ifstream in(path);
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.empty()) continue;
+    try {
+      keys.insert(parse_result_line(line, path + ":" + std::to_string(n)).key());
+    } catch (const Error& e) {
+      log_warn("[study] ignoring unreadable line {} of {}: {}", n, path, e.what());
+    }
+  }
+  return keys;
+}
+
+ResultRow make_row(const std::string& kind, const std::string& ft, const std::string& method, int64_t seed,
+                   int64_t epoch, const std::string& dataset, const std::string& scorer, const ScoreCounts& c,
+                   const std::string& run) {
+  ResultRow r;
+  r.kind = kind;
+  r.finetune_dataset = ft;
+  r.method = method;
+  r.seed = seed;
+  r.epoch = epoch;
+  r.eval_dataset = dataset;
+  r.scorer = scorer;
+  r.accuracy = c.accuracy;
+  r.n = c.n;
+  r.n_correct = c.correct;
+  r.n_incorrect = c.incorrect;
+  r.n_intrinsic = c.intrinsic;
+  r.n_extrinsic = c.extrinsic;
+  r.ci_low = c.ci_low;
+  r.ci_high = c.ci_high;
+  r.run = run;
+  return r;
+}
+
+class Study {
+ public:
+  Study(const RunConfig& cfg, const StudyOptions& opts) : cfg_(cfg), opts_(opts) {
+    run_dir_ = (fs::path(cfg.run.out_dir) / cfg.run.name).string();
+    results_path_ = run_dir_ + "/results.jsonl";
+  }
+
+  StudySummary run() {
+    auto t0 = std::chrono::steady_clock::now();
+    fs::create_directories(run_dir_);
+    write_file_atomic(run_dir_ + "/config.yaml", config_to_yaml(cfg_));
+    if (cfg_.model.pretrained.empty()) pretrain_tiny(cfg_, PretrainOptions{false, opts_.progress});
+    done_ = done_keys(results_path_);
+    writer_ = std::make_unique<JsonlWriter>(results_path_);
+    evaluator_ = std::make_unique<Evaluator>(cfg_);
+    evaluator_->set_progress(opts_.progress);
+    for (const auto& d : evaluator_->datasets()) log_info("[study] eval dataset {}: {} test images", d, evaluator_->dataset(d)->size());
+
+    clip_baseline();
+    // epoch 0: the base model
+    if (cfg_.study.eval_base && !epoch_done("", "base", 0, 0)) {
+      BaseModel base = load_base_model(cfg_);
+      score(base, "", "base", 0, 0, run_dir_ + "/predictions/base");
+    }
+    for (const auto& ft : cfg_.study.finetune_datasets)
+      for (const auto& method : cfg_.study.methods)
+        for (int64_t seed : cfg_.study.seeds) cell(ft, method, seed);
+
+    StudySummary s;
+    s.run_dir = run_dir_;
+    s.rows_written = rows_written_;
+    s.cells_trained = cells_trained_;
+    s.cells_skipped = cells_skipped_;
+    s.epochs_recovered = recovered_;
+    writer_.reset();
+    auto loaded = load_results({run_dir_});
+    s.matrix = format_matrix(loaded.rows, cfg_.eval.primary_scorer);
+    if (opts_.report) {
+      ReportOptions ro;
+      ro.out_dir = run_dir_ + "/report";
+      ro.scorer = cfg_.eval.primary_scorer;
+      ro.title = "EMT forgetting study: " + cfg_.run.name;
+      s.report_html = write_report(loaded, ro).html;
+    }
+    s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return s;
+  }
+
+ private:
+  std::vector<std::string> scorers() const { return evaluator_->scorers(); }
+
+  bool epoch_done(const std::string& ft, const std::string& method, int64_t seed, int64_t epoch) const {
+    for (const auto& d : evaluator_->datasets())
+      for (const auto& sc : scorers())
+        if (!done_.count(make_row("mllm", ft, method, seed, epoch, d, sc, {}, "").key())) return false;
+    return true;
+  }
+
+  void append(const ResultRow& r) {
+    std::string line = result_to_json_line(r);
+    writer_->write_raw(line);
+    done_.insert(r.key());
+    ++rows_written_;
+  }
+
+  void clip_baseline() {
+    if (!cfg_.eval.clip_baseline) return;
+    std::string dir = cfg_.eval.clip_model.empty() ? base_model_dir(cfg_) + "/clip" : cfg_.eval.clip_model;
+    if (!fs::exists(fs::path(dir) / "config.json")) {
+      if (!cfg_.eval.clip_model.empty())
+        throw IoError("[study] eval.clip_model: '" + dir + "' has no config.json (expected an HF CLIP directory)");
+      log_warn("[study] no CLIP model at {}: skipping the vision-encoder baseline (set eval.clip_model)", dir);
+      return;
+    }
+    bool all = true;
+    for (const auto& d : evaluator_->datasets())
+      all = all && done_.count(make_row("clip_zero_shot", "", "clip", 0, 0, d, "clip_zero_shot", {}, "").key());
+    auto device = resolve_device(cfg_.run.device);
+    auto [clip, tok] = load_clip_dir(dir, device);
+    if (std::find(scorers().begin(), scorers().end(), "clip") != scorers().end()) evaluator_->set_clip(clip, tok);
+    if (all) return;
+    ImageProcessorOptions image = fs::exists(fs::path(dir) / "preprocessor_config.json")
+                                      ? load_hf_preprocessor_config(dir + "/preprocessor_config.json")
+                                      : image_options_for_size(clip->options.vision.image_size);
+    for (const auto& ds : evaluator_->clip_zero_shot(*clip, *tok, image, device))
+      for (const auto& [sc, c] : ds.by_scorer)
+        append(make_row("clip_zero_shot", "", "clip", 0, 0, ds.dataset, sc, c, cfg_.run.name));
+  }
+
+  void score(const BaseModel& base, const std::string& ft, const std::string& method, int64_t seed, int64_t epoch,
+             const std::string& pred_dir) {
+    EvalModel em = eval_model(base);
+    evaluator_->set_prediction_fields({{"finetune_dataset", ft}, {"method", method}, {"seed", seed}, {"epoch", epoch}});
+    auto t = std::chrono::steady_clock::now();
+    for (const auto& ds : evaluator_->evaluate(em, pred_dir))
+      for (const auto& [sc, c] : ds.by_scorer) {
+        append(make_row("mllm", ft, method, seed, epoch, ds.dataset, sc, c, cfg_.run.name));
+        if (sc == cfg_.eval.primary_scorer)
+          log_info("[study] {} {} seed {} epoch {}: {} {:.1f}% ({} images)", ft.empty() ? "base" : ft, method, seed,
+                   epoch, ds.dataset, 100.0 * c.accuracy, c.n);
+      }
+    log_info("[study] scored epoch {} in {:.1f}s", epoch,
+             std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count());
+  }
+
+  RunConfig cell_config(const std::string& ft, const std::string& method, int64_t seed) const {
+    RunConfig c = cfg_;
+    c.finetune.dataset = ft;
+    c.finetune.method = method;
+    c.finetune.epochs = cfg_.study.epochs;
+    c.finetune.max_steps = 0;
+    c.finetune.keep_last_n = 0;  // every epoch's checkpoint stays: a lost evaluation can be redone from it
+    c.run.seed = seed;
+    auto it = cfg_.study.learning_rate_by_method.find(method);
+    if (it != cfg_.study.learning_rate_by_method.end()) c.finetune.learning_rate = it->second;
+    return c;
+  }
+
+  void cell(const std::string& ft, const std::string& method, int64_t seed) {
+    const int64_t epochs = cfg_.study.epochs;
+    bool all = true;
+    for (int64_t e = 1; e <= epochs; ++e) all = all && epoch_done(ft, method, seed, e);
+    const std::string name = study_cell_name(ft, method, seed);
+    if (all) {
+      log_info("[study] cell {} already complete: skipped", name);
+      ++cells_skipped_;
+      return;
+    }
+    RunConfig c = cell_config(ft, method, seed);
+    const std::string cell_dir = run_dir_ + "/cells/" + name;
+    const std::string pred_root = run_dir_ + "/predictions/" + name;
+    // Epochs trained before a kill but not yet scored are scored from their checkpoints first.
+    for (int64_t e = 1; e <= epochs; ++e) {
+      std::string ck = cell_dir + "/epoch_" + std::to_string(e);
+      if (epoch_done(ft, method, seed, e) || !fs::exists(ck + "/trainable.safetensors")) continue;
+      log_info("[study] {}: scoring epoch {} from its checkpoint (its evaluation was interrupted)", name, e);
+      BaseModel b = load_base_model(c);
+      auto setup = apply_method(*b.model, c.finetune, b.tokenizer.get());
+      SafetensorsReader r(ck + "/trainable.safetensors");
+      NamedTensors t;
+      for (const auto& n : r.names()) t.emplace_back(n, r.load(n));
+      load_trainable_tensors(*b.model, t, setup.prompt_embeddings, ck + "/trainable.safetensors");
+      b.model->eval();
+      score(b, ft, method, seed, e, pred_root + "/epoch_" + std::to_string(e));
+      ++recovered_;
+    }
+    all = true;
+    for (int64_t e = 1; e <= epochs; ++e) all = all && epoch_done(ft, method, seed, e);
+    if (all) return;
+
+    seed_everything(static_cast<uint64_t>(seed));
+    BaseModel base = load_base_model(c);
+    FinetuneOptions fo;
+    fo.run_dir = cell_dir;
+    fo.resume = true;
+    fo.progress = opts_.progress;
+    fo.on_epoch = [&](const EpochEnd& ee) {
+      if (epoch_done(ft, method, seed, ee.epoch)) return;
+      score(base, ft, method, seed, ee.epoch, pred_root + "/epoch_" + std::to_string(ee.epoch));
+    };
+    log_info("[study] cell {}: {} on {} for {} epochs (lr {})", name, method, ft, epochs, c.finetune.learning_rate);
+    finetune(base, c, fo);
+    ++cells_trained_;
+  }
+
+  RunConfig cfg_;
+  StudyOptions opts_;
+  std::string run_dir_, results_path_;
+  std::set<std::string> done_;
+  std::unique_ptr<JsonlWriter> writer_;
+  std::unique_ptr<Evaluator> evaluator_;
+  int64_t rows_written_ = 0, cells_trained_ = 0, cells_skipped_ = 0, recovered_ = 0;
+};
+
+}  // namespace
+
+StudySummary run_study(const RunConfig& cfg, const StudyOptions& opts) {
+  validate_config(cfg);
+  if (cfg.study.finetune_datasets.empty())
+    throw ConfigError("[study] study.finetune_datasets: name at least one dataset to fine-tune on");
+  if (cfg.study.methods.empty()) throw ConfigError("[study] study.methods: name at least one method");
+  return Study(cfg, opts).run();
+}
+
+}  // namespace emt

@@ -1,0 +1,31 @@
+// The forgetting study (`emt study`): base model -> score every dataset (epoch 0) -> for each fine-tuning dataset
+// x method x seed: train N epochs with the one Trainer and re-score EVERY dataset after each epoch. Results append
+// to RUN_DIR/results.jsonl; a killed study resumes where it stopped and never recomputes a finished cell.
+#pragma once
+#include <emt/core/config.h>
+#include <emt/eval/metrics.h>
+
+#include <string>
+#include <vector>
+
+namespace emt {
+
+struct StudyOptions {
+  bool progress = true;
+  bool report = true;  // write RUN_DIR/report at the end
+};
+
+struct StudySummary {
+  std::string run_dir;
+  std::string report_html;  // empty without a report
+  std::string matrix;       // plain-text accuracy matrix (primary scorer)
+  int64_t rows_written = 0, cells_trained = 0, cells_skipped = 0, epochs_recovered = 0;
+  double seconds = 0.0;
+};
+
+// Cell directory name: "<finetune dataset>__<method>__seed<seed>" with '/' and '+' made file-name safe.
+std::string study_cell_name(const std::string& dataset, const std::string& method, int64_t seed);
+
+StudySummary run_study(const RunConfig& cfg, const StudyOptions& opts = {});
+
+}  // namespace emt

@@ -1,0 +1,56 @@
+// Fine-tuning one LLaVA-style model on ONE dataset with a named method: the base model (HF directory or the tiny
+// built-in one), the causal-LM objective, and the glue that hands them to the one Trainer.
+#pragma once
+#include <emt/adapters/policy.h>
+#include <emt/core/config.h>
+#include <emt/core/image.h>
+#include <emt/core/llava.h>
+#include <emt/core/tokenizer.h>
+#include <emt/train/trainer.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace emt {
+
+// A loaded base model with what it needs to read prompts and images.
+struct BaseModel {
+  LlavaModel model{nullptr};
+  std::shared_ptr<Tokenizer> tokenizer;
+  ImageProcessorOptions image;
+  std::string dir;           // the HF-layout directory it came from
+  std::string conversation;  // template name
+  std::string system;        // system prompt ("" = template default)
+  torch::Device device = torch::kCPU;
+};
+
+// The directory holding the base model: model.pretrained, or pretrain.cache_dir for the tiny built-in model.
+std::string base_model_dir(const RunConfig& cfg);
+// Loads it (weights in run.dtype on run.device). IoError with the remedy when the tiny model was not built yet.
+BaseModel load_base_model(const RunConfig& cfg);
+
+// Causal-LM loss of the multimodal model on a batch.
+class LlavaObjective : public Objective {
+ public:
+  LlavaObjective(LlavaModel model, torch::Device device) : model_(std::move(model)), device_(device) {}
+  StepLoss loss(const Batch& batch) override;
+  void set_train(bool on) override;
+
+ private:
+  LlavaModel model_;
+  torch::Device device_;
+};
+
+// Fine-tunes `base` in place (the method's LoRA/prompt parameters are attached to it) on cfg.finetune.dataset for
+// cfg.finetune.epochs, checkpointing into run_dir/epoch_K (PEFT adapter + projector files included). on_epoch runs
+// after each checkpoint with the model in eval mode (the study re-scores every dataset there).
+struct FinetuneOptions {
+  std::string run_dir;
+  bool resume = false;
+  bool progress = true;
+  std::function<void(const EpochEnd&)> on_epoch;
+};
+TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptions& opts);
+
+}  // namespace emt
