@@ -11,6 +11,8 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -232,6 +234,9 @@ class Study {
     log_info("[study] cell {}: {} on {} for {} epochs (lr {})", name, method, ft, epochs, c.finetune.learning_rate);
     finetune(base, c, fo);
     ++cells_trained_;
+    // Fault injection for the resume test: EMT_FAULT_AFTER_CELLS=N kills (-9) the study after N trained cells.
+    if (const char* f = std::getenv("EMT_FAULT_AFTER_CELLS"); f && std::atoll(f) == cells_trained_)
+      ::kill(::getpid(), SIGKILL);
   }
 
   RunConfig cfg_;

@@ -1,6 +1,8 @@
 // Shared test helpers: scratch directories and running the emt CLI.
 #pragma once
+#include <cstdio>
 #include <cstdlib>
+#include <sys/wait.h>
 #include <filesystem>
 #include <string>
 
@@ -21,8 +23,8 @@ struct CmdResult {
 };
 
 // Runs `emt ARGS` (shell-quoted by the caller) and captures output and exit code.
-inline CmdResult run_cli(const std::string& args) {
-  std::string cmd = std::string(EMT_CLI) + " " + args + " 2>&1";
+inline CmdResult run_cli_env(const std::string& env, const std::string& args) {
+  std::string cmd = (env.empty() ? std::string() : "env " + env + " ") + std::string(EMT_CLI) + " " + args + " 2>&1";
   CmdResult r{-1, {}};
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -33,5 +35,7 @@ inline CmdResult run_cli(const std::string& args) {
   r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
   return r;
 }
+
+inline CmdResult run_cli(const std::string& args) { return run_cli_env("", args); }
 
 }  // namespace emt_test

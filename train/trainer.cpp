@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <mutex>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -57,6 +58,18 @@ class LoaderSource : public BatchSource {
  private:
   DataLoader& l_;
 };
+
+// Fault injection for the crash/preemption tests: EMT_FAULT_AT_STEP="<step>:<KILL|TERM|USR1>" sends that
+// signal to this process right after optimizer step <step> (KILL = a real kill -9: no cleanup at all).
+void maybe_inject_fault(int64_t step) {
+  static const char* spec = std::getenv("EMT_FAULT_AT_STEP");
+  if (!spec) return;
+  std::string s(spec);
+  auto colon = s.find(':');
+  if (colon == std::string::npos || std::stoll(s.substr(0, colon)) != step) return;
+  std::string sig = s.substr(colon + 1);
+  ::kill(::getpid(), sig == "KILL" ? SIGKILL : sig == "USR1" ? SIGUSR1 : SIGTERM);
+}
 
 double peak_memory_mb(const torch::Device& dev) {
   (void)dev;
@@ -266,7 +279,11 @@ void Trainer::load_checkpoint(const std::string& dir, State& st) {
   io_.set(tensors);
   load_optimizer_tensors(*optimizer_, SafetensorsReader(dir + "/optimizer.safetensors"));
   SafetensorsReader rng(dir + "/rng.safetensors");
-  torch::globalContext().defaultGenerator(torch::kCPU).set_state(rng.load("cpu"));
+  {
+    at::Generator gen = torch::globalContext().defaultGenerator(torch::kCPU);  // a handle to the global one
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(rng.load("cpu"));
+  }
   st.epoch = j.at("epoch");
   st.batch = j.at("batch");
   st.step = j.at("step");
@@ -438,6 +455,7 @@ TrainSummary Trainer::fit() {
       }
       if (opts_.progress) progress.update(st.step, fmt::format("epoch {} loss {:.4f}", st.epoch + 1, mean_loss));
 
+      maybe_inject_fault(st.step);
       bool preempt = g_signal.load() != 0;
       bool step_ck = opts_.checkpoint_every_steps > 0 && st.step % opts_.checkpoint_every_steps == 0 && have_batch;
       if (preempt || (step_ck && !opts_.run_dir.empty())) {
