@@ -150,7 +150,8 @@ class Study {
       all = all && done_.count(make_row("clip_zero_shot", "", "clip", 0, 0, d, "clip_zero_shot", {}, "").key());
     auto device = resolve_device(cfg_.run.device);
     auto [clip, tok] = load_clip_dir(dir, device);
-    if (std::find(scorers().begin(), scorers().end(), "clip") != scorers().end()) evaluator_->set_clip(clip, tok);
+    const auto sc = scorers();
+    if (std::find(sc.begin(), sc.end(), "clip") != sc.end()) evaluator_->set_clip(clip, tok);
     if (all) return;
     ImageProcessorOptions image = fs::exists(fs::path(dir) / "preprocessor_config.json")
                                       ? load_hf_preprocessor_config(dir + "/preprocessor_config.json")

@@ -260,6 +260,8 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
   SentencePieceTrainOptions so;
   so.vocab_size = cfg.pretrain.tokenizer_vocab;
   so.user_defined_symbols = {"<image>"};
+  so.pad_id = 2;  // a real padding piece, and eos off id 2 (HF CLIP pools at argmax when eos_token_id == 2)
+  so.eos_id = 3;
   train_sentencepiece((staging / "corpus.txt").string(), (staging / "tokenizer").string(), so);
   std::shared_ptr<Tokenizer> tok = load_sentencepiece((staging / "tokenizer.model").string());
   const int64_t image_id = tok->special_token_id("<image>") >= 0 ? tok->special_token_id("<image>")
