@@ -1,0 +1,133 @@
+// `emt score CONFIG [key=value...] [--adapter DIR] [--out DIR]`: scores the base model (optionally with a PEFT
+// adapter / projector checkpoint on top) on every eval dataset, plus the CLIP zero-shot baseline, and writes
+// OUT/results.jsonl (the study's row schema) and OUT/predictions/<dataset>.jsonl.
+#include <emt/adapters/peft.h>
+#include <emt/core/config.h>
+#include <emt/core/error.h>
+#include <emt/core/log.h>
+#include <emt/core/runtime.h>
+#include <emt/eval/evaluator.h>
+#include <emt/eval/metrics.h>
+#include <emt/train/finetune.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <iostream>
+
+#include "commands.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct ScoreArgs {
+  std::string config, adapter, out;
+  std::vector<std::string> overrides;
+  bool no_clip = false;
+};
+
+// A checkpoint directory of `emt train` / the study: PEFT LoRA or prompt adapter and/or mm_projector.safetensors.
+void apply_checkpoint(emt::EvalModel& m, const std::string& dir) {
+  bool any = false;
+  if (fs::exists(fs::path(dir) / "adapter_config.json")) {
+    auto ac = emt::read_adapter_config(dir);
+    if (ac.peft_type == "PROMPT_TUNING") {
+      auto prefix = emt::load_prompt_adapter(dir, m.model->options.llm.hidden_size);
+      m.model->set_prompt_prefix(prefix.to(m.device, m.model->language_model->model->embed_tokens->weight.scalar_type()));
+    } else {
+      emt::load_lora_adapter(*m.model, dir);
+    }
+    any = true;
+  }
+  const auto proj = fs::path(dir) / "mm_projector.safetensors";
+  if (fs::exists(proj)) {
+    emt::load_projector_file(*m.model->multi_modal_projector, proj.string());
+    any = true;
+  }
+  if (!any)
+    throw emt::ConfigError("[score] --adapter " + dir + ": neither adapter_config.json nor mm_projector.safetensors "
+                           "found there");
+}
+
+// eval.clip_model, else <base model dir>/clip when it has a config.json, else "".
+std::string clip_model_dir(const emt::RunConfig& cfg) {
+  if (!cfg.eval.clip_model.empty()) return cfg.eval.clip_model;
+  const fs::path d = fs::path(emt::base_model_dir(cfg)) / "clip";
+  return fs::exists(d / "config.json") ? d.string() : std::string();
+}
+
+emt::ResultRow row_of(const emt::DatasetScores& s, const std::string& scorer, const emt::ScoreCounts& c,
+                      const std::string& method, const std::string& run) {
+  emt::ResultRow r;
+  r.kind = scorer == "clip_zero_shot" ? "clip_zero_shot" : "mllm";
+  r.method = scorer == "clip_zero_shot" ? "clip" : method;
+  r.eval_dataset = s.dataset;
+  r.scorer = scorer;
+  emt::set_counts(r, c);
+  r.run = run;
+  return r;
+}
+
+void run_score(const ScoreArgs& a) {
+  auto cfg = emt::load_config(a.config, a.overrides);
+  emt::set_log_level(emt::parse_log_level(cfg.run.log_level));
+  emt::set_threads(cfg.run.threads);
+  emt::seed_everything(static_cast<uint64_t>(cfg.run.seed));
+  const std::string out = a.out.empty() ? (fs::path(cfg.run.out_dir) / cfg.run.name / "score").string() : a.out;
+
+  emt::Evaluator ev(cfg);  // opens the data first: a bad dataset fails before the model is loaded
+  auto base = emt::load_base_model(cfg);
+  auto m = emt::eval_model(base);
+  if (!a.adapter.empty()) apply_checkpoint(m, a.adapter);
+
+  const auto scorers = cfg.eval.scorers;
+  const bool want_clip_scorer = cfg.eval.primary_scorer == "clip" ||
+                                std::find(scorers.begin(), scorers.end(), "clip") != scorers.end();
+  const std::string clip_dir = a.no_clip ? "" : clip_model_dir(cfg);
+  std::pair<emt::ClipModel, std::shared_ptr<emt::Tokenizer>> clip{emt::ClipModel(nullptr), nullptr};
+  if (!clip_dir.empty() && (want_clip_scorer || cfg.eval.clip_baseline)) {
+    clip = emt::load_clip_dir(clip_dir, m.device);
+    if (want_clip_scorer) ev.set_clip(clip.first, clip.second);
+  } else if (cfg.eval.clip_baseline && !a.no_clip) {
+    emt::log_warn("[score] no CLIP model (eval.clip_model unset and {}/clip absent): no zero-shot baseline",
+                  emt::base_model_dir(cfg));
+  }
+
+  fs::create_directories(out);
+  auto scores = ev.evaluate(m, (fs::path(out) / "predictions").string());
+  std::vector<emt::ResultRow> rows;
+  const std::string method = a.adapter.empty() ? "base" : "adapter";
+  const std::string run = fs::path(out).lexically_normal().filename().string();
+  for (const auto& s : scores)
+    for (const auto& [scorer, c] : s.by_scorer) rows.push_back(row_of(s, scorer, c, method, run));
+  if (clip.first && cfg.eval.clip_baseline) {
+    auto zs = ev.clip_zero_shot(clip.first, *clip.second, emt::clip_image_options(clip_dir, clip.first), m.device);
+    for (const auto& s : zs)
+      for (const auto& [scorer, c] : s.by_scorer) rows.push_back(row_of(s, scorer, c, method, run));
+  }
+  std::string lines;
+  for (const auto& r : rows) lines += emt::result_to_json_line(r) + "\n";
+  emt::write_file_atomic((fs::path(out) / "results.jsonl").string(), lines);
+
+  std::cout << fmt::format("{:<20} {:<16} {:>9} {:>7}  {}\n", "dataset", "scorer", "accuracy", "n", "95% interval");
+  for (const auto& r : rows)
+    std::cout << fmt::format("{:<20} {:<16} {:>8.2f}% {:>7}  [{:.2f}, {:.2f}]\n", r.eval_dataset, r.scorer,
+                             100.0 * r.accuracy, r.n, 100.0 * r.ci_low, 100.0 * r.ci_high);
+  std::cout << "results: " << (fs::path(out) / "results.jsonl").string() << "\n";
+}
+
+emt::cli::RegisterCommand reg([](CLI::App& root) {
+  auto args = std::make_shared<ScoreArgs>();
+  auto* cmd = root.add_subcommand("score", "Score a model (optionally with an adapter) on every eval dataset");
+  cmd->add_option("config", args->config, "YAML config")->required()->check(CLI::ExistingFile);
+  cmd->add_option("overrides", args->overrides, "dotted.key=value config overrides");
+  cmd->add_option("--adapter", args->adapter,
+                  "checkpoint directory with a PEFT adapter and/or mm_projector.safetensors (e.g. RUN/epoch_3)")
+      ->check(CLI::ExistingDirectory);
+  cmd->add_option("--out", args->out, "output directory (default: <run.out_dir>/<run.name>/score)");
+  cmd->add_flag("--no-clip", args->no_clip, "skip the CLIP model (no zero-shot baseline, no clip scorer)");
+  cmd->callback([args] { run_score(*args); });
+});
+
+}  // namespace

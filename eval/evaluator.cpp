@@ -1,0 +1,624 @@
+// The evaluator: every eval dataset's fixed test subset, batched KV-cache generation with the EMT prompts, the
+// scorers (strict, likelihood ranking over a shared prompt cache, CLIP nearest label, external judge), predictions
+// files, and the CLIP zero-shot baseline.
+#include <emt/core/conversation.h>
+#include <emt/core/dataset.h>
+#include <emt/core/error.h>
+#include <emt/core/generate.h>
+#include <emt/core/hf_checkpoint.h>
+#include <emt/core/loader.h>
+#include <emt/core/log.h>
+#include <emt/core/runtime.h>
+#include <emt/eval/evaluator.h>
+#include <emt/eval/metrics.h>
+#include <emt/train/finetune.h>  // BaseModel (fields only)
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+
+namespace emt {
+
+namespace fs = std::filesystem;
+
+// ---- counts -----------------------------------------------------------------------------------------------------
+
+void ScoreCounts::add(VerdictKind k) {
+  ++n;
+  switch (k) {
+    case VerdictKind::correct: ++correct; break;
+    case VerdictKind::incorrect: ++incorrect; break;
+    case VerdictKind::intrinsic: ++intrinsic; break;
+    case VerdictKind::extrinsic: ++extrinsic; break;
+  }
+}
+
+void ScoreCounts::finish() {
+  accuracy = n > 0 ? static_cast<double>(correct) / static_cast<double>(n) : 0.0;
+  std::tie(ci_low, ci_high) = wilson_interval(correct, n);
+}
+
+void set_counts(ResultRow& row, const ScoreCounts& c) {
+  row.accuracy = c.accuracy;
+  row.n = c.n;
+  row.n_correct = c.correct;
+  row.n_incorrect = c.incorrect;
+  row.n_intrinsic = c.intrinsic;
+  row.n_extrinsic = c.extrinsic;
+  row.ci_low = c.ci_low;
+  row.ci_high = c.ci_high;
+}
+
+EvalModel eval_model(const BaseModel& base) {
+  EvalModel m;
+  m.model = base.model;
+  m.tokenizer = base.tokenizer;
+  m.image = base.image;
+  m.conversation = base.conversation.empty() ? base.model->options.conversation : base.conversation;
+  m.system = base.system;
+  m.device = base.device;
+  return m;
+}
+
+std::string valid_utf8(const std::string& s) {
+  std::string out;
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = p[i];
+    size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    bool ok = len > 0 && i + len <= n;
+    for (size_t k = 1; ok && k < len; ++k) ok = (p[i + k] & 0xC0) == 0x80;
+    if (ok && len == 2) ok = c >= 0xC2;                                      // overlong
+    if (ok && len == 3) ok = !(c == 0xE0 && p[i + 1] < 0xA0) && !(c == 0xED && p[i + 1] >= 0xA0);  // overlong, surrogates
+    if (ok && len == 4) ok = !(c == 0xF0 && p[i + 1] < 0x90) && !(c == 0xF4 && p[i + 1] >= 0x90) && c <= 0xF4;
+    if (ok) {
+      out.append(s, i, len);
+      i += len;
+    } else {
+      out += "\xEF\xBF\xBD";
+      ++i;
+    }
+  }
+  return out;
+}
+
+// ---- free helpers -----------------------------------------------------------------------------------------------
+
+namespace {
+
+std::string trim_space(const std::string& s) {
+  const char* ws = " \t\r\n\f\v";
+  size_t b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(ws) - b + 1);
+}
+
+// Decoded answer cut at the first stop string and trimmed.
+std::string clean_answer(std::string text, const std::vector<std::string>& stops) {
+  size_t cut = std::string::npos;
+  for (const auto& s : stops)
+    if (!s.empty()) cut = std::min(cut, text.find(s));
+  if (cut != std::string::npos) text.resize(cut);
+  return trim_space(valid_utf8(text));
+}
+
+// Answer ids exactly as the loader builds training targets (answer, then EOS or the template's text suffix).
+std::vector<int64_t> encode_answer(const Tokenizer& tok, const std::string& conversation, const std::string& answer) {
+  const std::string suffix = answer_suffix(conversation);
+  if (suffix == "</s>") {
+    auto ids = tok.encode(answer, false);
+    ids.push_back(tok.eos_id());
+    return ids;
+  }
+  return tok.encode(answer + suffix, false);
+}
+
+torch::ScalarType param_dtype(torch::nn::Module& m) {
+  for (const auto& p : m.parameters()) return p.scalar_type();
+  return torch::kFloat32;
+}
+
+// Restores a module's training flag on scope exit (also when scoring throws).
+struct TrainFlagGuard {
+  torch::nn::Module& m;
+  bool was;
+  explicit TrainFlagGuard(torch::nn::Module& mod) : m(mod), was(mod.is_training()) { m.eval(); }
+  ~TrainFlagGuard() { m.train(was); }
+};
+
+std::string readable_label(std::string name) {
+  std::replace(name.begin(), name.end(), '_', ' ');
+  return name;
+}
+
+}  // namespace
+
+std::map<std::string, LabelSet> eval_label_sets(const std::map<std::string, std::vector<std::string>>& class_names,
+                                                const RunConfig& cfg) {
+  std::map<std::string, LabelSet> out;
+  for (const auto& [name, names] : class_names) {
+    std::vector<std::string> foreign;
+    for (const auto& [other, other_names] : class_names)
+      if (other != name) foreign.insert(foreign.end(), other_names.begin(), other_names.end());
+    auto it = cfg.data.datasets.find(name);
+    std::vector<std::string> aliases = it == cfg.data.datasets.end() ? std::vector<std::string>{} : it->second.aliases;
+    try {
+      out.emplace(name, make_label_set(names, aliases, foreign));
+    } catch (const ConfigError& e) {
+      throw ConfigError(fmt::format("[eval] dataset '{}': {}", name, e.what()));
+    }
+  }
+  return out;
+}
+
+torch::Tensor candidate_logliks(LlavaModel& model, const torch::Tensor& images, const torch::Tensor& input_ids,
+                                const torch::Tensor& attention_mask,
+                                const std::vector<std::vector<int64_t>>& candidates, int64_t rows_per_pass) {
+  // images: [B, 3, S, S] or undefined, input_ids: [B, T] (left-padded) -> [B, C]
+  TORCH_CHECK(input_ids.dim() == 2, "candidate_logliks: input_ids must be [B, T], got ", input_ids.sizes());
+  TORCH_CHECK(!candidates.empty(), "candidate_logliks: no candidates");
+  int64_t L = 0;
+  for (size_t c = 0; c < candidates.size(); ++c) {
+    TORCH_CHECK(!candidates[c].empty(), "candidate_logliks: candidate ", c, " is empty");
+    L = std::max<int64_t>(L, static_cast<int64_t>(candidates[c].size()));
+  }
+  torch::NoGradGuard ng;
+  auto& lm = model->language_model;
+  auto feats = images.defined() ? model->encode_images(images) : torch::Tensor();
+  auto in = model->splice(feats, input_ids, attention_mask);
+  const int64_t B = input_ids.size(0), Tp = in.embeds.size(1), C = static_cast<int64_t>(candidates.size());
+  auto dev = in.embeds.device();
+  auto lopts = torch::TensorOptions().dtype(torch::kLong);
+
+  // The prompt is run once; every candidate continues from a copy of its cache (capacity Tp + L).
+  KVCache cache = make_kv_cache(lm->options, B, Tp + L, in.embeds.scalar_type(), dev);
+  auto hidden = lm->model->forward(in.embeds, in.attention_mask, {}, &cache);
+  auto last = lm->logits(hidden.select(1, Tp - 1));  // [B, V]: scores each candidate's first token
+
+  auto ids = torch::zeros({C, L}, lopts), labels = torch::full({C, L}, -100, lopts), mask = torch::zeros({C, L}, lopts);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto& v = candidates[static_cast<size_t>(c)];
+    auto t = torch::tensor(v, lopts);
+    const int64_t n = t.size(0);
+    ids[c].narrow(0, 0, n).copy_(t);
+    labels[c].narrow(0, 0, n).copy_(t);
+    mask[c].narrow(0, 0, n).fill_(1);
+  }
+  ids = ids.to(dev);
+  labels = labels.to(dev);
+  mask = mask.to(dev);
+
+  auto out = torch::empty({B, C}, torch::TensorOptions().dtype(torch::kFloat32).device(dev));
+  const int64_t per = std::max<int64_t>(1, rows_per_pass / std::max<int64_t>(B, 1));
+  for (int64_t c0 = 0; c0 < C; c0 += per) {
+    const int64_t cc = std::min(per, C - c0), rows = B * cc;  // row r = b * cc + j (class c0 + j)
+    KVCache ec;
+    for (size_t l = 0; l < cache.k.size(); ++l) {
+      ec.k.push_back(cache.k[l].repeat_interleave(cc, 0));
+      ec.v.push_back(cache.v[l].repeat_interleave(cc, 0));
+    }
+    ec.length = Tp;
+    auto cids = ids.narrow(0, c0, cc).repeat({B, 1});
+    auto cmask = torch::cat({in.attention_mask.repeat_interleave(cc, 0), mask.narrow(0, c0, cc).repeat({B, 1})}, 1);
+    auto h = lm->model->forward(lm->embed(cids), cmask, {}, &ec);  // [rows, L, D]
+    auto lg = torch::cat({last.repeat_interleave(cc, 0).unsqueeze(1), lm->logits(h)}, 1);  // [rows, L + 1, V]
+    auto lab = torch::cat({torch::full({rows, 1}, -100, lopts.device(dev)), labels.narrow(0, c0, cc).repeat({B, 1})}, 1);
+    out.narrow(1, c0, cc).copy_(answer_logprobs(lg, lab).view({B, cc}));
+  }
+  return out;
+}
+
+std::pair<torch::Tensor, torch::Tensor> clip_tokenize(const Tokenizer& tok, const std::vector<std::string>& texts,
+                                                      int64_t max_len) {
+  TORCH_CHECK(max_len >= 2, "clip_tokenize: max_len must be >= 2, got ", max_len);
+  std::vector<std::vector<int64_t>> seqs;
+  int64_t T = 1;
+  for (const auto& t : texts) {
+    auto ids = tok.encode(t, /*add_bos=*/true, /*add_eos=*/true);
+    if (static_cast<int64_t>(ids.size()) > max_len) {
+      ids.resize(static_cast<size_t>(max_len));
+      ids.back() = tok.eos_id();
+    }
+    T = std::max<int64_t>(T, static_cast<int64_t>(ids.size()));
+    seqs.push_back(std::move(ids));
+  }
+  const int64_t N = static_cast<int64_t>(seqs.size());
+  const int64_t pad = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
+  auto ids = torch::full({N, T}, pad, torch::kLong), mask = torch::zeros({N, T}, torch::kLong);
+  auto ia = ids.accessor<int64_t, 2>();
+  auto ma = mask.accessor<int64_t, 2>();
+  for (int64_t i = 0; i < N; ++i)
+    for (size_t j = 0; j < seqs[i].size(); ++j) {
+      ia[i][static_cast<int64_t>(j)] = seqs[i][j];
+      ma[i][static_cast<int64_t>(j)] = 1;
+    }
+  return {ids, mask};
+}
+
+torch::Tensor clip_text_embeddings(ClipModel& clip, const Tokenizer& tok, const std::vector<std::string>& texts,
+                                   torch::Device device) {
+  torch::NoGradGuard ng;
+  constexpr int64_t kChunk = 256;
+  std::vector<torch::Tensor> parts;
+  for (size_t i = 0; i < texts.size(); i += kChunk) {
+    std::vector<std::string> chunk(texts.begin() + static_cast<std::ptrdiff_t>(i),
+                                   texts.begin() + static_cast<std::ptrdiff_t>(std::min(texts.size(), i + kChunk)));
+    auto [ids, mask] = clip_tokenize(tok, chunk, clip->options.text.max_position_embeddings);
+    auto f = clip->text_features(ids.to(device), mask.to(device)).to(torch::kFloat32);
+    parts.push_back(torch::nn::functional::normalize(f, torch::nn::functional::NormalizeFuncOptions().dim(-1)));
+  }
+  if (parts.empty()) return torch::empty({0, clip->options.projection_dim});
+  return torch::cat(parts, 0);
+}
+
+std::pair<ClipModel, std::shared_ptr<Tokenizer>> load_clip_dir(const std::string& dir, torch::Device device) {
+  const fs::path d(dir);
+  std::shared_ptr<Tokenizer> tok;
+  if (fs::exists(d / "vocab.json") && fs::exists(d / "merges.txt"))
+    tok = load_clip_bpe((d / "vocab.json").string(), (d / "merges.txt").string());
+  else if (fs::exists(d / "tokenizer.model"))
+    tok = load_sentencepiece((d / "tokenizer.model").string());
+  else
+    throw IoError("[eval] CLIP directory " + dir + ": no tokenizer (expected vocab.json + merges.txt, or "
+                  "tokenizer.model)");
+  auto clip = load_clip(dir, torch::kFloat32, device);
+  clip->eval();
+  return {clip, tok};
+}
+
+ImageProcessorOptions clip_image_options(const std::string& dir, const ClipModel& clip) {
+  const fs::path pre = fs::path(dir) / "preprocessor_config.json";
+  return fs::exists(pre) ? load_hf_preprocessor_config(pre.string())
+                         : image_options_for_size(clip->options.vision.image_size);
+}
+
+// ---- the evaluator ----------------------------------------------------------------------------------------------
+
+struct Evaluator::Impl {
+  struct Entry {
+    std::shared_ptr<ImageDataset> ds;
+    DatasetConfig dcfg;
+    std::string question;
+  };
+  RunConfig cfg;
+  std::vector<std::string> names;
+  std::map<std::string, Entry> entries;
+  std::map<std::string, LabelSet> label_sets;
+  ClipModel clip{nullptr};
+  std::shared_ptr<Tokenizer> clip_tok;
+  JsonFields extra;
+  bool progress = true;
+
+  bool configured(const std::string& scorer) const {
+    const auto& s = cfg.eval.scorers;
+    return cfg.eval.primary_scorer == scorer || std::find(s.begin(), s.end(), scorer) != s.end();
+  }
+  const Entry& entry(const std::string& name) const {
+    auto it = entries.find(name);
+    if (it == entries.end()) {
+      std::string known;
+      for (const auto& n : names) known += (known.empty() ? "" : ", ") + n;
+      throw ConfigError(fmt::format("[eval] dataset '{}' is not evaluated (evaluated: {})", name, known));
+    }
+    return it->second;
+  }
+  DatasetScores evaluate_one(EvalModel& m, size_t di, const std::string& pred_dir);
+};
+
+Evaluator::Evaluator(const RunConfig& cfg) : impl_(std::make_unique<Impl>()) {
+  Impl& d = *impl_;
+  d.cfg = cfg;
+  static const std::vector<std::string> known = {"strict", "likelihood", "clip", "judge"};
+  std::vector<std::string> listed = cfg.eval.scorers;
+  listed.push_back(cfg.eval.primary_scorer);
+  for (const auto& s : listed)
+    if (std::find(known.begin(), known.end(), s) == known.end())
+      throw ConfigError(fmt::format("[eval] eval.scorers: unknown scorer '{}' (known: strict, likelihood, clip, "
+                                    "judge)", s));
+  if (d.configured("judge") && cfg.eval.judge_command.empty())
+    throw ConfigError("[eval] eval.judge_command: the judge scorer is configured but no command is set");
+  if (cfg.eval.batch_size <= 0)
+    throw ConfigError(fmt::format("[eval] eval.batch_size must be > 0 (got {})", cfg.eval.batch_size));
+
+  const bool explicit_list = !cfg.eval.datasets.empty();
+  std::vector<std::string> wanted = cfg.eval.datasets;
+  if (!explicit_list)
+    for (const auto& [name, _] : cfg.data.datasets) wanted.push_back(name);
+  const auto seed = static_cast<uint64_t>(cfg.run.seed);
+  std::map<std::string, std::vector<std::string>> class_names;
+  for (const auto& name : wanted) {
+    auto it = cfg.data.datasets.find(name);
+    if (it == cfg.data.datasets.end())
+      throw ConfigError(fmt::format("[eval] eval.datasets: '{}' is not in data.datasets", name));
+    if (d.entries.count(name)) continue;
+    const DatasetConfig& dc = it->second;
+    if (dc.format == "llava_json") {
+      if (explicit_list)
+        throw ConfigError(fmt::format("[eval] eval.datasets: '{}' is instruction data (llava_json) without class "
+                                      "labels and cannot be scored", name));
+      log_debug("[eval] skipping instruction dataset '{}'", name);
+      continue;
+    }
+    auto ds = open_dataset(name, dc, cfg.data.root, Split::test, seed);
+    if (ds->class_names().empty())
+      throw ConfigError(fmt::format("[eval] dataset '{}': no class names, so answers cannot be scored", name));
+    if (cfg.eval.max_samples > 0 && cfg.eval.max_samples < ds->size()) {
+      // A stream of its own, so eval.max_samples never reuses the choice made by test_max_samples.
+      ds = subset(ds, choose_subset(*ds, cfg.eval.max_samples, dc.balanced, mix_seed(seed, 0x65766131ull)));
+      ds->set_name(name);
+    }
+    if (ds->size() == 0) throw ConfigError(fmt::format("[eval] dataset '{}': the test split is empty", name));
+    d.names.push_back(name);
+    class_names[name] = ds->class_names();
+    d.entries[name] = Impl::Entry{ds, dc, dataset_question(name, dc, ds->class_names())};
+  }
+  if (d.names.empty()) throw ConfigError("[eval] no dataset to evaluate (eval.datasets and data.datasets are empty)");
+  d.label_sets = eval_label_sets(class_names, cfg);
+}
+
+Evaluator::~Evaluator() = default;
+
+const std::vector<std::string>& Evaluator::datasets() const { return impl_->names; }
+std::shared_ptr<ImageDataset> Evaluator::dataset(const std::string& name) const { return impl_->entry(name).ds; }
+const LabelSet& Evaluator::label_set(const std::string& name) const {
+  impl_->entry(name);
+  return impl_->label_sets.at(name);
+}
+const std::map<std::string, LabelSet>& Evaluator::label_sets() const { return impl_->label_sets; }
+
+std::vector<std::string> Evaluator::scorers() const {
+  std::vector<std::string> s = {"strict"};
+  if (impl_->configured("likelihood")) s.push_back("likelihood");
+  if (impl_->configured("clip") && impl_->clip) s.push_back("clip");
+  if (impl_->configured("judge")) s.push_back("judge");
+  return s;
+}
+
+void Evaluator::set_clip(ClipModel clip, std::shared_ptr<Tokenizer> text_tokenizer) {
+  if (!clip || !text_tokenizer) throw ConfigError("[eval] set_clip: CLIP model and tokenizer must both be given");
+  clip->eval();
+  impl_->clip = std::move(clip);
+  impl_->clip_tok = std::move(text_tokenizer);
+}
+bool Evaluator::has_clip() const { return static_cast<bool>(impl_->clip); }
+void Evaluator::set_prediction_fields(JsonFields fields) { impl_->extra = std::move(fields); }
+void Evaluator::set_progress(bool on) { impl_->progress = on; }
+
+std::vector<DatasetScores> Evaluator::evaluate(EvalModel& m, const std::string& pred_dir) {
+  Impl& d = *impl_;
+  if (!m.model || !m.tokenizer) throw ConfigError("[eval] evaluate: the model and its tokenizer must be set");
+  if (d.configured("clip") && !d.clip) {
+    if (d.cfg.eval.primary_scorer == "clip")
+      throw ConfigError("[eval] eval.primary_scorer is clip but no CLIP model was given (eval.clip_model)");
+    log_warn("[eval] the clip scorer is configured but no CLIP model was given: its rows are skipped");
+  }
+  if (!pred_dir.empty()) fs::create_directories(pred_dir);
+  TrainFlagGuard train_flag(*m.model);
+  torch::NoGradGuard ng;
+  std::vector<DatasetScores> out;
+  for (size_t i = 0; i < d.names.size(); ++i) out.push_back(d.evaluate_one(m, i, pred_dir));
+  return out;
+}
+
+DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::string& pred_dir) {
+  const std::string& name = names[di];
+  const Entry& e = entries.at(name);
+  const LabelSet& ls = label_sets.at(name);
+  const auto& classes = e.ds->class_names();
+  const auto t0 = std::chrono::steady_clock::now();
+  const bool use_lik = configured("likelihood"), use_clip = configured("clip") && clip,
+             use_judge = configured("judge");
+
+  PromptSpec ps;
+  ps.questions = {e.question};
+  ps.answer_template = e.dcfg.answer;
+  LoaderOptions lo;
+  lo.batch_size = cfg.eval.batch_size;
+  lo.shuffle = false;
+  lo.with_answer = false;
+  lo.padding_side = "left";
+  lo.seed = static_cast<uint64_t>(cfg.run.seed);
+  lo.workers = cfg.data.workers;
+  lo.prefetch = cfg.data.prefetch;
+  lo.conversation = m.conversation;
+  lo.system = m.system;
+  lo.image = m.image;
+  lo.skip_bad = e.dcfg.skip_bad;
+  DataLoader loader(e.ds, m.tokenizer, ps, lo);
+  if (loader.image_token_id() != m.model->image_token_id)
+    throw ConfigError(fmt::format("[eval] {}: the tokenizer's <image> id {} differs from the model's image token "
+                                  "id {}", name, loader.image_token_id(), m.model->image_token_id));
+  const std::string prompt_text = render_prompt(m.conversation, m.system, e.question);
+
+  GenerateOptions g;
+  g.max_new_tokens = cfg.eval.max_new_tokens;
+  g.temperature = cfg.eval.temperature;
+  g.top_p = cfg.eval.top_p;
+  g.eos_id = m.tokenizer->eos_id();
+  g.stop_strings = stop_strings(m.conversation);
+  g.tokenizer = m.tokenizer.get();
+
+  std::vector<std::vector<int64_t>> candidates;
+  if (use_lik)
+    for (const auto& c : classes) candidates.push_back(encode_answer(*m.tokenizer, m.conversation, answer_text(e.dcfg, c)));
+  torch::Tensor class_emb;  // [K, P]
+  if (use_clip) {
+    std::vector<std::string> texts;
+    for (const auto& c : classes) texts.push_back(readable_label(c));
+    class_emb = clip_text_embeddings(clip, *clip_tok, texts, m.device);
+  }
+
+  const auto img_dtype = param_dtype(*m.model->vision_tower);
+  DatasetScores scores;
+  scores.dataset = name;
+  std::vector<std::string> order = {"strict"};
+  if (use_lik) order.push_back("likelihood");
+  if (use_clip) order.push_back("clip");
+  if (use_judge) order.push_back("judge");
+  for (const auto& s : order) scores.by_scorer[s];
+  std::string lines;
+  std::unique_ptr<Progress> prog;
+  if (progress) prog = std::make_unique<Progress>("eval " + name, loader.num_samples());
+
+  Batch batch;
+  int64_t done = 0, k = 0;
+  while (loader.next(batch)) {
+    for (int64_t i = 0; i < batch.size(); ++i)
+      if (batch.class_ids[i] < 0 || batch.class_ids[i] >= ls.num_classes())
+        throw FormatError(fmt::format("[eval] {}: {} has label {} outside the {} class names", name,
+                                      e.ds->source(batch.indices[i]), batch.class_ids[i], ls.num_classes()));
+    auto images = batch.images.to(m.device, img_dtype);
+    auto ids = batch.input_ids.to(m.device), mask = batch.attention_mask.to(m.device);
+    g.seed = mix_seed(mix_seed(static_cast<uint64_t>(cfg.run.seed), di), static_cast<uint64_t>(k++));
+    auto gen = generate(m.model, images, ids, mask, g);
+    const int64_t B = batch.size();
+    std::vector<std::string> outputs;
+    for (int64_t i = 0; i < B; ++i) outputs.push_back(clean_answer(m.tokenizer->decode(gen[i], true), g.stop_strings));
+
+    torch::Tensor lik_pred;
+    if (use_lik) {
+      auto ll = candidate_logliks(m.model, images, ids, mask, candidates, cfg.eval.batch_size).cpu();
+      lik_pred = likelihood_rank(ll, torch::tensor(batch.class_ids, torch::kLong)).predicted;
+    }
+    torch::Tensor clip_pred;
+    if (use_clip) {
+      auto emb = clip_text_embeddings(clip, *clip_tok, outputs, m.device);
+      clip_pred = emb.matmul(class_emb.t()).argmax(1).cpu();
+    }
+
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t label = batch.class_ids[i];
+      JsonFields f = extra;
+      f.emplace_back("dataset", name);
+      f.emplace_back("index", batch.indices[i]);
+      f.emplace_back("source", e.ds->source(batch.indices[i]));
+      f.emplace_back("label", label);
+      f.emplace_back("label_name", classes[label]);
+      f.emplace_back("prompt", prompt_text);
+      f.emplace_back("output", outputs[i]);
+      Verdict v = strict_verdict(outputs[i], ls, label);
+      scores.by_scorer["strict"].add(v.kind);
+      f.emplace_back("verdict_strict", std::string(verdict_name(v.kind)));
+      f.emplace_back("pred_strict", v.predicted);
+      if (use_lik) {
+        const int64_t p = lik_pred[i].item<int64_t>();
+        const VerdictKind kind = p == label ? VerdictKind::correct : VerdictKind::incorrect;
+        scores.by_scorer["likelihood"].add(kind);
+        f.emplace_back("verdict_likelihood", std::string(verdict_name(kind)));
+        f.emplace_back("pred_likelihood", p);
+      }
+      if (use_clip) {
+        // Nothing said is nothing to match: an empty answer is extrinsic, not the nearest label.
+        const int64_t p = outputs[i].empty() ? -1 : clip_pred[i].item<int64_t>();
+        const VerdictKind kind =
+            p < 0 ? VerdictKind::extrinsic : (p == label ? VerdictKind::correct : VerdictKind::incorrect);
+        scores.by_scorer["clip"].add(kind);
+        f.emplace_back("verdict_clip", std::string(verdict_name(kind)));
+        f.emplace_back("pred_clip", p);
+      }
+      if (use_judge) {
+        const bool yes = judge_says_yes(cfg.eval.judge_command, classes[label], outputs[i]);
+        // A "no" keeps the strict failure kind when strict agrees it failed (as re-scoring does).
+        const VerdictKind kind =
+            yes ? VerdictKind::correct : (v.kind == VerdictKind::correct ? VerdictKind::incorrect : v.kind);
+        scores.by_scorer["judge"].add(kind);
+        f.emplace_back("verdict_judge", std::string(verdict_name(kind)));
+        f.emplace_back("pred_judge", yes ? label : int64_t{-1});
+      }
+      lines += to_json_line(f) + "\n";
+    }
+    done += B;
+    if (prog) {
+      const auto& s = scores.by_scorer["strict"];
+      prog->update(done, fmt::format("strict {:.1f}%", 100.0 * s.correct / std::max<int64_t>(1, s.n)));
+    }
+  }
+  for (auto& [_, c] : scores.by_scorer) c.finish();
+  scores.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (prog) {
+    std::string summary;
+    for (const auto& s : order)
+      summary += fmt::format("{}{} {:.1f}%", summary.empty() ? "" : ", ", s, 100.0 * scores.by_scorer[s].accuracy);
+    prog->finish(summary);
+  }
+  if (!pred_dir.empty()) write_file_atomic((fs::path(pred_dir) / (name + ".jsonl")).string(), lines);
+  return scores;
+}
+
+std::vector<DatasetScores> Evaluator::clip_zero_shot(ClipModelImpl& clip, const Tokenizer& text_tokenizer,
+                                                     const ImageProcessorOptions& image, torch::Device device) {
+  ClipModel holder(std::dynamic_pointer_cast<ClipModelImpl>(clip.shared_from_this()));
+  return clip_zero_shot(holder, text_tokenizer, image, device);
+}
+
+std::vector<DatasetScores> Evaluator::clip_zero_shot(ClipModel& clip, const Tokenizer& text_tokenizer,
+                                                     const ImageProcessorOptions& image, torch::Device device) {
+  Impl& d = *impl_;
+  if (!clip) throw ConfigError("[eval] clip_zero_shot: no CLIP model");
+  if (d.cfg.eval.clip_templates.empty()) throw ConfigError("[eval] eval.clip_templates: needs at least one template");
+  TrainFlagGuard train_flag(*clip);
+  torch::NoGradGuard ng;
+  const auto img_dtype = param_dtype(*clip->vision_model);
+  std::vector<DatasetScores> out;
+  for (const auto& name : d.names) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const Impl::Entry& e = d.entries.at(name);
+    const auto& classes = e.ds->class_names();
+    const int64_t K = static_cast<int64_t>(classes.size()), NT = static_cast<int64_t>(d.cfg.eval.clip_templates.size());
+    std::vector<std::string> texts;  // class-major: class k, template t at k * NT + t
+    for (const auto& c : classes)
+      for (const auto& t : d.cfg.eval.clip_templates) texts.push_back(fill_label(t, readable_label(c)));
+    auto emb = clip_text_embeddings(clip, text_tokenizer, texts, device).view({K, NT, -1}).mean(1);
+    auto class_emb = torch::nn::functional::normalize(emb, torch::nn::functional::NormalizeFuncOptions().dim(-1));
+
+    DatasetScores scores;
+    scores.dataset = name;
+    ScoreCounts& counts = scores.by_scorer["clip_zero_shot"];
+    const int64_t n = e.ds->size(), bs = d.cfg.eval.batch_size;
+    std::unique_ptr<Progress> prog;
+    if (d.progress) prog = std::make_unique<Progress>("clip zero-shot " + name, n);
+    for (int64_t b0 = 0; b0 < n; b0 += bs) {
+      const int64_t b1 = std::min(n, b0 + bs);
+      std::vector<torch::Tensor> pix(static_cast<size_t>(b1 - b0));
+      std::vector<std::string> bad(pix.size());
+      at::parallel_for(b0, b1, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          try {
+            pix[static_cast<size_t>(i - b0)] = preprocess_image(e.ds->image(i), image);
+          } catch (const Error& err) {
+            bad[static_cast<size_t>(i - b0)] = err.what();
+          }
+        }
+      });
+      std::vector<torch::Tensor> ok;
+      std::vector<int64_t> labels;
+      for (int64_t i = b0; i < b1; ++i) {
+        const auto& msg = bad[static_cast<size_t>(i - b0)];
+        if (!msg.empty()) {
+          if (!e.dcfg.skip_bad) throw IoError(msg);
+          log_warn("[eval] {}: skipping bad image {}: {}", name, e.ds->source(i), msg);
+          continue;
+        }
+        ok.push_back(pix[static_cast<size_t>(i - b0)]);
+        labels.push_back(e.ds->label(i));
+      }
+      if (ok.empty()) continue;
+      auto f = clip->image_features(torch::stack(ok).to(device, img_dtype)).to(torch::kFloat32);
+      f = torch::nn::functional::normalize(f, torch::nn::functional::NormalizeFuncOptions().dim(-1));
+      auto pred = f.matmul(class_emb.t()).argmax(1).cpu();
+      for (size_t i = 0; i < labels.size(); ++i)
+        counts.add(pred[static_cast<int64_t>(i)].item<int64_t>() == labels[i] ? VerdictKind::correct
+                                                                                : VerdictKind::incorrect);
+      if (prog) prog->update(b1, fmt::format("{:.1f}%", 100.0 * counts.correct / std::max<int64_t>(1, counts.n)));
+    }
+    counts.finish();
+    scores.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (prog) prog->finish(fmt::format("clip_zero_shot {:.1f}%", 100.0 * counts.accuracy));
+    out.push_back(std::move(scores));
+  }
+  return out;
+}
+
+}  // namespace emt
