@@ -272,3 +272,23 @@ TEST_CASE("CLIP BPE file errors name the file", "[tokenizer]") {
   CHECK_THAT(error_of<emt::FormatError>([&] { emt::load_clip_bpe(dir + "/vocab.json", fx + "clip_merges.txt"); }),
              Contains("vocab.json") && Contains("'b'"));
 }
+
+TEST_CASE("sentencepiece training honours the special ids it is given", "[tokenizer]") {
+  const std::string dir = emt_test::scratch_dir("tok_special_ids");
+  auto o = train_opts();
+  o.unk_id = 0;
+  o.bos_id = 1;
+  o.eos_id = 3;
+  o.pad_id = 2;
+  emt::train_sentencepiece(write_corpus(dir), dir + "/ids", o);
+  auto tok = emt::load_sentencepiece(dir + "/ids.model");
+  CHECK(tok->bos_id() == 1);
+  CHECK(tok->eos_id() == 3);
+  CHECK(tok->pad_id() == 2);
+  auto ids = tok->encode("The number is 5.", true, true);
+  CHECK(ids.front() == 1);
+  CHECK(ids.back() == 3);
+  ids.push_back(2);
+  CHECK(tok->decode(ids) == "The number is 5.");
+  CHECK(tok->decode(ids, false) == "<s>The number is 5.</s><pad>");
+}
