@@ -46,6 +46,7 @@ void LinearImpl::attach_low_rank(int64_t r, double scale, double dropout) {
   }
   if (dropout > 0.0) {
     lora_dropout = register_module("lora_dropout", torch::nn::Dropout(dropout));
+    lora_dropout->train(is_training());  // a new child starts in training mode; follow the layer's mode
   }
   scale_ = scale;
   merged_ = false;

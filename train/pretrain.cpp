@@ -262,7 +262,18 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
   so.user_defined_symbols = {"<image>"};
   so.pad_id = 2;  // a real padding piece, and eos off id 2 (HF CLIP pools at argmax when eos_token_id == 2)
   so.eos_id = 3;
-  train_sentencepiece((staging / "corpus.txt").string(), (staging / "tokenizer").string(), so);
+  try {
+    train_sentencepiece((staging / "corpus.txt").string(), (staging / "tokenizer").string(), so);
+  } catch (const Error& e) {
+    // A small label space cannot fill a large vocabulary: SentencePiece names the largest size it can reach.
+    std::string msg = e.what();
+    auto at = msg.find("value <= ");
+    if (at == std::string::npos) throw;
+    so.vocab_size = std::stoll(msg.substr(at + 9));
+    log_warn("[pretrain] pretrain.tokenizer_vocab {} is more than this corpus supports; using {}",
+             cfg.pretrain.tokenizer_vocab, so.vocab_size);
+    train_sentencepiece((staging / "corpus.txt").string(), (staging / "tokenizer").string(), so);
+  }
   std::shared_ptr<Tokenizer> tok = load_sentencepiece((staging / "tokenizer.model").string());
   const int64_t image_id = tok->special_token_id("<image>") >= 0 ? tok->special_token_id("<image>")
                                                                   : tok->add_special_token("<image>");

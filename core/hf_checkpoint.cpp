@@ -1,0 +1,445 @@
+// HF model directories: config.json <-> ModelSection / module options, key-style mapping, strict loading that
+// reports every problem at once, and saving LLaVA, CLIP and LLaMA back in the HF layout.
+#include <emt/core/config.h>
+#include <emt/core/error.h>
+#include <emt/core/hf_checkpoint.h>
+#include <emt/core/llava.h>
+#include <emt/core/runtime.h>
+#include <emt/core/safetensors.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+namespace emt {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+bool ends_with(const std::string& s, const std::string& p) {
+  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
+}
+
+json read_config_json(const std::string& dir) {
+  auto path = (fs::path(dir) / "config.json").string();
+  if (!fs::exists(path)) throw IoError("[hf] " + dir + ": no config.json (not an HF model directory)");
+  try {
+    return json::parse(read_file(path));
+  } catch (const json::exception& e) {
+    throw FormatError("[hf] " + path + ": invalid JSON: " + e.what());
+  }
+}
+
+// Typed field with a default (the HF class default) and a FormatError naming the file and key on a wrong type.
+template <class T>
+T field(const json& j, const char* key, T def, const std::string& where) {
+  if (!j.contains(key) || j.at(key).is_null()) return def;
+  try {
+    return j.at(key).get<T>();
+  } catch (const json::exception&) {
+    throw FormatError("[hf] " + where + ": key '" + key + "' has the wrong type (got " + j.at(key).dump() + ")");
+  }
+}
+
+VisionConfig vision_from_json(const json& j, const std::string& where) {
+  VisionConfig v;  // HF CLIPVisionConfig defaults
+  v.hidden_size = field(j, "hidden_size", 768, where);
+  v.intermediate_size = field(j, "intermediate_size", 3072, where);
+  v.num_layers = field(j, "num_hidden_layers", 12, where);
+  v.num_heads = field(j, "num_attention_heads", 12, where);
+  v.num_channels = field(j, "num_channels", 3, where);
+  v.image_size = field(j, "image_size", 224, where);
+  v.patch_size = field(j, "patch_size", 32, where);
+  v.hidden_act = field<std::string>(j, "hidden_act", "quick_gelu", where);
+  v.layer_norm_eps = field(j, "layer_norm_eps", 1e-5, where);
+  return v;
+}
+
+json vision_to_json(const VisionConfig& v, int projection_dim) {
+  return json{{"model_type", "clip_vision_model"}, {"hidden_size", v.hidden_size},
+              {"intermediate_size", v.intermediate_size}, {"num_hidden_layers", v.num_layers},
+              {"num_attention_heads", v.num_heads}, {"num_channels", v.num_channels},
+              {"image_size", v.image_size}, {"patch_size", v.patch_size}, {"hidden_act", v.hidden_act},
+              {"layer_norm_eps", v.layer_norm_eps}, {"projection_dim", projection_dim}};
+}
+
+LlmConfig llm_from_json(const json& j, const std::string& where) {
+  LlmConfig l;  // HF LlamaConfig defaults
+  l.vocab_size = field(j, "vocab_size", 32000, where);
+  l.hidden_size = field(j, "hidden_size", 4096, where);
+  l.intermediate_size = field(j, "intermediate_size", 11008, where);
+  l.num_layers = field(j, "num_hidden_layers", 32, where);
+  l.num_heads = field(j, "num_attention_heads", 32, where);
+  l.num_kv_heads = field(j, "num_key_value_heads", l.num_heads, where);
+  l.max_position_embeddings = field(j, "max_position_embeddings", 2048, where);
+  l.rms_norm_eps = field(j, "rms_norm_eps", 1e-6, where);
+  l.rope_theta = field(j, "rope_theta", 10000.0, where);
+  l.tie_word_embeddings = field(j, "tie_word_embeddings", false, where);
+  auto act = field<std::string>(j, "hidden_act", "silu", where);
+  if (act != "silu") throw FormatError("[hf] " + where + ": hidden_act '" + act + "' is not supported (silu only)");
+  if (j.contains("rope_scaling") && !j.at("rope_scaling").is_null())
+    throw FormatError("[hf] " + where + ": rope_scaling " + j.at("rope_scaling").dump() + " is not supported");
+  if (field(j, "attention_bias", false, where) || field(j, "mlp_bias", false, where))
+    throw FormatError("[hf] " + where + ": attention_bias / mlp_bias are not supported");
+  return l;
+}
+
+json llm_to_json(const LlmConfig& l) {
+  return json{{"model_type", "llama"}, {"architectures", {"LlamaForCausalLM"}}, {"vocab_size", l.vocab_size},
+              {"hidden_size", l.hidden_size}, {"intermediate_size", l.intermediate_size},
+              {"num_hidden_layers", l.num_layers}, {"num_attention_heads", l.num_heads},
+              {"num_key_value_heads", l.num_kv_heads}, {"max_position_embeddings", l.max_position_embeddings},
+              {"rms_norm_eps", l.rms_norm_eps}, {"rope_theta", l.rope_theta}, {"hidden_act", "silu"},
+              {"tie_word_embeddings", l.tie_word_embeddings}, {"rope_scaling", nullptr}};
+}
+
+LlmConfig llm_config_of(const LlamaOptions& o) {
+  LlmConfig l;
+  l.vocab_size = o.vocab_size;
+  l.hidden_size = o.hidden_size;
+  l.num_layers = o.num_layers;
+  l.num_heads = o.num_heads;
+  l.num_kv_heads = o.num_kv_heads;
+  l.intermediate_size = o.intermediate_size;
+  l.rope_theta = o.rope_theta;
+  l.rms_norm_eps = o.rms_norm_eps;
+  l.max_position_embeddings = o.max_position_embeddings;
+  l.tie_word_embeddings = o.tie_word_embeddings;
+  return l;
+}
+
+ClipTextConfig clip_text_from_json(const json& j, const std::string& where) {
+  ClipTextConfig t;  // HF CLIPTextConfig defaults
+  t.vocab_size = field(j, "vocab_size", 49408, where);
+  t.hidden_size = field(j, "hidden_size", 512, where);
+  t.intermediate_size = field(j, "intermediate_size", 2048, where);
+  t.num_layers = field(j, "num_hidden_layers", 12, where);
+  t.num_heads = field(j, "num_attention_heads", 8, where);
+  t.max_position_embeddings = field(j, "max_position_embeddings", 77, where);
+  t.hidden_act = field<std::string>(j, "hidden_act", "quick_gelu", where);
+  t.layer_norm_eps = field(j, "layer_norm_eps", 1e-5, where);
+  return t;
+}
+
+std::string torch_dtype_name(torch::ScalarType t) {
+  switch (t) {
+    case torch::kBFloat16: return "bfloat16";
+    case torch::kHalf: return "float16";
+    case torch::kDouble: return "float64";
+    default: return "float32";
+  }
+}
+
+std::string model_type_of(const json& j, const std::string& dir) {
+  auto t = field<std::string>(j, "model_type", "", dir + "/config.json");
+  if (t.empty()) throw FormatError("[hf] " + dir + "/config.json: no 'model_type'");
+  return t;
+}
+
+bool is_lora_key(const std::string& k) {
+  return k.find(".lora_A.") != std::string::npos || k.find(".lora_B.") != std::string::npos ||
+         k.find(".lora_dropout.") != std::string::npos;
+}
+
+std::string shape_str(c10::IntArrayRef s) {
+  std::ostringstream o;
+  o << s;
+  return o.str();
+}
+
+void ensure_dir(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw IoError("[hf] cannot create directory " + dir + ": " + ec.message());
+}
+
+}  // namespace
+
+DefaultDtypeGuard::DefaultDtypeGuard(torch::ScalarType dtype) : saved_(torch::get_default_dtype()) {
+  if (at::isFloatingType(dtype)) torch::set_default_dtype(caffe2::TypeMeta::fromScalarType(dtype));
+}
+DefaultDtypeGuard::~DefaultDtypeGuard() { torch::set_default_dtype(saved_); }
+
+// ---- key mapping ------------------------------------------------------------------------------------------
+
+std::string llava_module_key(const std::string& k) {
+  if (ends_with(k, ".position_ids") || ends_with(k, ".rotary_emb.inv_freq")) return "";
+  struct Rule { const char* from; const char* to; };
+  static const Rule rules[] = {
+      {"model.language_model.", "language_model.model."},
+      {"model.vision_tower.", "vision_tower."},
+      {"model.multi_modal_projector.", "multi_modal_projector."},
+      {"model.mm_projector.0.", "multi_modal_projector.linear_1."},
+      {"model.mm_projector.2.", "multi_modal_projector.linear_2."},
+      {"lm_head.", "language_model.lm_head."},
+  };
+  for (auto& r : rules)
+    if (starts_with(k, r.from)) return r.to + k.substr(std::strlen(r.from));
+  return k;
+}
+
+std::string llava_file_key(const std::string& k, const std::string& style) {
+  if (style == "old") return k;
+  if (style != "new") throw ConfigError("[hf] key style must be 'old' or 'new', got '" + style + "'");
+  struct Rule { const char* from; const char* to; };
+  static const Rule rules[] = {
+      {"language_model.model.", "model.language_model."},
+      {"language_model.lm_head.", "lm_head."},
+      {"vision_tower.", "model.vision_tower."},
+      {"multi_modal_projector.", "model.multi_modal_projector."},
+  };
+  for (auto& r : rules)
+    if (starts_with(k, r.from)) return r.to + k.substr(std::strlen(r.from));
+  return k;
+}
+
+// ---- strict loading / saving ------------------------------------------------------------------------------
+
+void load_state_strict(torch::nn::Module& module, const CheckpointReader& reader,
+                       const std::function<std::string(const std::string&)>& to_module_key,
+                       const std::string& source, const std::vector<std::string>& optional_missing) {
+  std::map<std::string, torch::Tensor> targets;
+  for (auto& p : module.named_parameters(true)) targets[p.key()] = p.value();
+  for (auto& b : module.named_buffers(true)) targets[b.key()] = b.value();
+  std::vector<std::string> problems;
+  std::map<std::string, std::string> seen;  // module key -> file key
+  torch::NoGradGuard ng;
+  for (auto& name : reader.names()) {
+    auto key = to_module_key(name);
+    if (key.empty()) continue;
+    auto it = targets.find(key);
+    if (it == targets.end()) {
+      problems.push_back("unexpected tensor '" + name + "'" + (key != name ? " (as '" + key + "')" : ""));
+      continue;
+    }
+    if (seen.count(key)) {
+      problems.push_back("tensors '" + seen[key] + "' and '" + name + "' both map to '" + key + "'");
+      continue;
+    }
+    seen[key] = name;
+    const auto& info = reader.info(name);
+    if (c10::IntArrayRef(info.shape) != it->second.sizes()) {
+      problems.push_back("tensor '" + name + "' has shape " + shape_str(info.shape) + ", model expects " +
+                         shape_str(it->second.sizes()));
+      continue;
+    }
+    it->second.copy_(reader.load(name));  // converts dtype and device
+  }
+  for (auto& t : targets) {
+    if (seen.count(t.first) || is_lora_key(t.first)) continue;
+    if (std::find(optional_missing.begin(), optional_missing.end(), t.first) != optional_missing.end()) continue;
+    problems.push_back("missing tensor '" + t.first + "' (shape " + shape_str(t.second.sizes()) + ")");
+  }
+  if (!problems.empty()) {
+    std::string msg = "[hf] " + source + ": " + std::to_string(problems.size()) + " problem(s) loading weights:";
+    for (auto& p : problems) msg += "\n  " + p;
+    throw FormatError(msg);
+  }
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> state_for_save(
+    torch::nn::Module& module, const std::function<std::string(const std::string&)>& to_file_key) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& p : module.named_parameters(true))
+    if (!is_lora_key(p.key())) out.emplace_back(to_file_key(p.key()), p.value().detach());
+  for (auto& b : module.named_buffers(true))
+    if (!is_lora_key(b.key())) out.emplace_back(to_file_key(b.key()), b.value().detach());
+  return out;
+}
+
+// ---- config.json ------------------------------------------------------------------------------------------
+
+ModelSection model_section_from_hf(const std::string& dir) {
+  auto j = read_config_json(dir);
+  auto where = dir + "/config.json";
+  auto type = model_type_of(j, dir);
+  ModelSection m;
+  m.pretrained = dir;
+  if (type == "llava") {
+    if (!j.contains("vision_config") || !j.contains("text_config"))
+      throw FormatError("[hf] " + where + ": llava config needs vision_config and text_config");
+    m.vision = vision_from_json(j.at("vision_config"), where + ": vision_config");
+    m.llm = llm_from_json(j.at("text_config"), where + ": text_config");
+    m.vision.select_layer = field(j, "vision_feature_layer", -2, where);
+    auto strategy = field<std::string>(j, "vision_feature_select_strategy", "default", where);
+    if (strategy != "default" && strategy != "full")
+      throw FormatError("[hf] " + where + ": vision_feature_select_strategy '" + strategy + "' (expected default or full)");
+    m.vision.select_feature = strategy == "default" ? "patch" : "cls_patch";
+    auto act = field<std::string>(j, "projector_hidden_act", "gelu", where);
+    if (act != "gelu") throw FormatError("[hf] " + where + ": projector_hidden_act '" + act + "' is not supported (gelu)");
+    if (j.contains("mm_projector_type")) {
+      m.projector = field<std::string>(j, "mm_projector_type", "mlp2x_gelu", where);
+    } else {
+      // llava-hf files do not name the projector: a second projector layer in the weights means mlp2x_gelu.
+      m.projector = "linear";
+      bool has_weights = fs::exists(fs::path(dir) / "model.safetensors") ||
+                         fs::exists(fs::path(dir) / "model.safetensors.index.json");
+      if (!has_weights) m.projector = "mlp2x_gelu";
+      else
+        for (auto& n : CheckpointReader(dir).names())
+          if (n.find("multi_modal_projector.linear_2.") != std::string::npos ||
+              n.find("mm_projector.2.") != std::string::npos)
+            m.projector = "mlp2x_gelu";
+    }
+    m.conversation = field<std::string>(j, "conversation", "vicuna_v1", where);
+  } else if (type == "llama") {
+    m.llm = llm_from_json(j, where);
+    m.conversation = "plain";
+  } else if (type == "clip") {
+    m.vision = vision_from_json(j.value("vision_config", json::object()), where + ": vision_config");
+    m.clip_text = clip_text_from_json(j.value("text_config", json::object()), where + ": text_config");
+    m.clip_text.projection_dim = field(j, "projection_dim", 512, where);
+  } else {
+    throw FormatError("[hf] " + where + ": model_type '" + type + "' is not supported (llava, llama or clip)");
+  }
+  return m;
+}
+
+// ---- LLaVA ------------------------------------------------------------------------------------------------
+
+LlavaModel load_llava(const std::string& hf_dir, torch::ScalarType dtype, torch::Device device) {
+  auto j = read_config_json(hf_dir);
+  if (model_type_of(j, hf_dir) != "llava")
+    throw FormatError("[hf] " + hf_dir + "/config.json: model_type '" + model_type_of(j, hf_dir) +
+                      "' is not llava");
+  auto m = model_section_from_hf(hf_dir);
+  int64_t image_token = field<int64_t>(j, "image_token_index", 32000, hf_dir + "/config.json");
+  CheckpointReader reader(hf_dir);
+  LlavaModel model{nullptr};
+  {
+    DefaultDtypeGuard g(dtype);
+    model = build_llava(m, image_token);
+  }
+  bool tied = m.llm.tie_word_embeddings;
+  load_state_strict(*model, reader,
+                    [tied](const std::string& k) {
+                      auto key = llava_module_key(k);
+                      return tied && key == "language_model.lm_head.weight" ? std::string() : key;
+                    },
+                    hf_dir);
+  model->to(device, dtype);
+  return model;
+}
+
+void save_llava(LlavaModel& model, const std::string& dir, const std::string& key_style, uint64_t max_shard_bytes) {
+  llava_file_key("", key_style);  // validates the style before anything is written
+  const auto& o = model->options;
+  VisionConfig v;
+  v.image_size = o.vision.image_size;
+  v.patch_size = o.vision.patch_size;
+  v.num_channels = o.vision.num_channels;
+  v.hidden_size = o.vision.encoder.hidden_size;
+  v.num_layers = o.vision.encoder.num_layers;
+  v.num_heads = o.vision.encoder.num_heads;
+  v.intermediate_size = o.vision.encoder.intermediate_size;
+  v.hidden_act = o.vision.encoder.hidden_act;
+  v.layer_norm_eps = o.vision.encoder.layer_norm_eps;
+  auto l = llm_config_of(o.llm);
+  auto dtype = torch_dtype_name(model->language_model->model->embed_tokens->weight.scalar_type());
+  json j{{"model_type", "llava"},
+         {"architectures", {"LlavaForConditionalGeneration"}},
+         {"vision_config", vision_to_json(v, 768)},
+         {"text_config", llm_to_json(l)},
+         {"projector_hidden_act", o.projector.act},
+         {"mm_projector_type", o.projector.type},
+         {"vision_feature_layer", o.select_layer},
+         {"vision_feature_select_strategy", o.select_feature == "patch" ? "default" : "full"},
+         {"image_token_index", model->image_token_id},
+         {"ignore_index", -100},
+         {"conversation", o.conversation},
+         {"tie_word_embeddings", l.tie_word_embeddings},
+         {"torch_dtype", dtype}};
+  j["text_config"]["torch_dtype"] = dtype;
+  ensure_dir(dir);
+  write_file_atomic((fs::path(dir) / "config.json").string(), j.dump(2) + "\n");
+  save_checkpoint(dir, state_for_save(*model, [&](const std::string& k) { return llava_file_key(k, key_style); }),
+                  max_shard_bytes);
+}
+
+// ---- plain CLIP / LLaMA -----------------------------------------------------------------------------------
+
+ClipModel load_clip(const std::string& hf_dir, torch::ScalarType dtype, torch::Device device) {
+  auto j = read_config_json(hf_dir);
+  if (model_type_of(j, hf_dir) != "clip")
+    throw FormatError("[hf] " + hf_dir + "/config.json: model_type '" + model_type_of(j, hf_dir) + "' is not clip");
+  auto m = model_section_from_hf(hf_dir);
+  auto o = clip_options(m.vision, m.clip_text);
+  // HF's legacy pooling (argmax of ids) applies when the text config keeps the old eos_token_id of 2.
+  int64_t eos = field<int64_t>(j.value("text_config", json::object()), "eos_token_id", 2, hf_dir);
+  o.text.eos_token_id = eos == 2 ? -1 : eos;
+  o.logit_scale_init = field(j, "logit_scale_init_value", 2.6592, hf_dir);
+  CheckpointReader reader(hf_dir);
+  ClipModel model{nullptr};
+  {
+    DefaultDtypeGuard g(dtype);
+    model = ClipModel(o);
+  }
+  load_state_strict(*model, reader, [](const std::string& k) { return ends_with(k, ".position_ids") ? "" : k; },
+                    hf_dir);
+  model->to(device, dtype);
+  return model;
+}
+
+void save_clip(ClipModel& model, const std::string& dir) {
+  const auto& o = model->options;
+  auto enc = [](const ClipEncoderOptions& e) {
+    return json{{"hidden_size", e.hidden_size}, {"intermediate_size", e.intermediate_size},
+                {"num_hidden_layers", e.num_layers}, {"num_attention_heads", e.num_heads},
+                {"hidden_act", e.hidden_act}, {"layer_norm_eps", e.layer_norm_eps}};
+  };
+  json vj = enc(o.vision.encoder);
+  vj["model_type"] = "clip_vision_model";
+  vj["image_size"] = o.vision.image_size;
+  vj["patch_size"] = o.vision.patch_size;
+  vj["num_channels"] = o.vision.num_channels;
+  json tj = enc(o.text.encoder);
+  tj["model_type"] = "clip_text_model";
+  tj["vocab_size"] = o.text.vocab_size;
+  tj["max_position_embeddings"] = o.text.max_position_embeddings;
+  tj["eos_token_id"] = o.text.eos_token_id < 0 ? 2 : o.text.eos_token_id;
+  json j{{"model_type", "clip"}, {"architectures", {"CLIPModel"}}, {"projection_dim", o.projection_dim},
+         {"logit_scale_init_value", o.logit_scale_init}, {"vision_config", vj}, {"text_config", tj},
+         {"torch_dtype", torch_dtype_name(model->logit_scale.scalar_type())}};
+  ensure_dir(dir);
+  write_file_atomic((fs::path(dir) / "config.json").string(), j.dump(2) + "\n");
+  save_checkpoint(dir, state_for_save(*model, [](const std::string& k) { return k; }));
+}
+
+LlamaForCausalLM load_llama(const std::string& hf_dir, torch::ScalarType dtype, torch::Device device) {
+  auto j = read_config_json(hf_dir);
+  if (model_type_of(j, hf_dir) != "llama")
+    throw FormatError("[hf] " + hf_dir + "/config.json: model_type '" + model_type_of(j, hf_dir) + "' is not llama");
+  auto o = llama_options(llm_from_json(j, hf_dir + "/config.json"));
+  CheckpointReader reader(hf_dir);
+  LlamaForCausalLM model{nullptr};
+  {
+    DefaultDtypeGuard g(dtype);
+    model = LlamaForCausalLM(o);
+  }
+  bool tied = o.tie_word_embeddings;
+  load_state_strict(*model, reader,
+                    [tied](const std::string& k) {
+                      if (ends_with(k, ".rotary_emb.inv_freq") || (tied && k == "lm_head.weight")) return std::string();
+                      return k;
+                    },
+                    hf_dir);
+  model->to(device, dtype);
+  return model;
+}
+
+void save_llama(LlamaForCausalLM& model, const std::string& dir) {
+  const auto& o = model->options;
+  auto l = llm_config_of(o);
+  auto j = llm_to_json(l);
+  j["torch_dtype"] = torch_dtype_name(model->model->embed_tokens->weight.scalar_type());
+  ensure_dir(dir);
+  write_file_atomic((fs::path(dir) / "config.json").string(), j.dump(2) + "\n");
+  save_checkpoint(dir, state_for_save(*model, [](const std::string& k) { return k; }));
+}
+
+}  // namespace emt

@@ -1,0 +1,627 @@
+// EMT scoring: normalisation, label sets, the strict lexical verdict, likelihood ranking, the external judge
+// (a child process speaking JSON on stdin, yes/no on stdout) and re-scoring a run's kept generations.
+#include <emt/core/error.h>
+#include <emt/core/runtime.h>
+#include <emt/eval/metrics.h>
+#include <emt/eval/scoring.h>
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <tuple>
+
+extern char** environ;
+
+namespace emt {
+
+namespace fs = std::filesystem;
+
+const char* verdict_name(VerdictKind k) {
+  switch (k) {
+    case VerdictKind::correct: return "correct";
+    case VerdictKind::incorrect: return "incorrect";
+    case VerdictKind::intrinsic: return "intrinsic";
+    case VerdictKind::extrinsic: return "extrinsic";
+  }
+  return "?";
+}
+
+VerdictKind parse_verdict(const std::string& s) {
+  for (auto k : {VerdictKind::correct, VerdictKind::incorrect, VerdictKind::intrinsic, VerdictKind::extrinsic})
+    if (s == verdict_name(k)) return k;
+  throw FormatError(fmt::format("[scoring] unknown verdict '{}' (expected correct|incorrect|intrinsic|extrinsic)", s));
+}
+
+// ---- normalisation ----------------------------------------------------------------------------------------------
+
+namespace {
+// Bytes >= 0x80 (UTF-8 sequences) count as letters so accented words stay whole.
+bool is_word_char(unsigned char c) { return std::isalnum(c) || c >= 0x80; }
+bool is_joiner(char c) { return c == '-' || c == '/'; }
+}  // namespace
+
+std::string normalize_text(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    unsigned char c = static_cast<unsigned char>(text[i]);
+    if (is_word_char(c)) {
+      out.push_back(static_cast<char>(c < 0x80 ? std::tolower(c) : c));
+    } else if (is_joiner(static_cast<char>(c)) && !out.empty() && is_word_char(static_cast<unsigned char>(out.back())) &&
+               i + 1 < text.size() && is_word_char(static_cast<unsigned char>(text[i + 1]))) {
+      out.push_back(static_cast<char>(c));
+    } else if (!out.empty() && out.back() != ' ') {
+      out.push_back(' ');
+    }
+  }
+  while (!out.empty() && out.back() == ' ') out.pop_back();
+  return out;
+}
+
+std::vector<std::string> match_words(const std::string& text) {
+  std::vector<std::string> words;
+  std::string cur;
+  for (char c : normalize_text(text)) {
+    if (c == ' ' || is_joiner(c)) {
+      if (!cur.empty()) words.push_back(std::move(cur));
+      cur.clear();
+    } else {
+      cur.push_back(c);
+    }
+  }
+  if (!cur.empty()) words.push_back(std::move(cur));
+  return words;
+}
+
+// ---- label sets -------------------------------------------------------------------------------------------------
+
+namespace {
+
+std::string join_words(const std::vector<std::string>& w) {
+  std::string s;
+  for (const auto& x : w) {
+    if (!s.empty()) s += ' ';
+    s += x;
+  }
+  return s;
+}
+
+const std::vector<std::string>& number_words() {
+  static const std::vector<std::string> w = {"zero", "one", "two",   "three", "four",
+                                             "five", "six", "seven", "eight", "nine"};
+  return w;
+}
+
+// Fashion-MNIST spellings, keyed by the joined match words of the official class name.
+const std::map<std::string, std::vector<std::string>>& fashion_aliases() {
+  static const std::map<std::string, std::vector<std::string>> m = {
+      {"t shirt top", {"t-shirt", "tshirt", "top", "tee"}},
+      {"trouser", {"trousers", "pants"}},
+      {"pullover", {"pullovers", "sweater"}},
+      {"dress", {"dresses"}},
+      {"coat", {"coats"}},
+      {"sandal", {"sandals"}},
+      {"shirt", {"shirts"}},
+      {"sneaker", {"sneakers"}},
+      {"bag", {"bags", "handbag"}},
+      {"ankle boot", {"ankle boots", "boot", "boots"}},
+  };
+  return m;
+}
+
+std::string trim(const std::string& s) {
+  size_t a = s.find_first_not_of(" \t\r\n");
+  if (a == std::string::npos) return "";
+  size_t b = s.find_last_not_of(" \t\r\n");
+  return s.substr(a, b - a + 1);
+}
+
+bool all_digits(const std::string& w) {
+  return !w.empty() && std::all_of(w.begin(), w.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+}  // namespace
+
+LabelSet make_label_set(const std::vector<std::string>& class_names, const std::vector<std::string>& aliases,
+                        const std::vector<std::string>& foreign_labels) {
+  if (class_names.empty()) throw ConfigError("[scoring] label set: no class names");
+  LabelSet ls;
+  ls.class_names = class_names;
+  std::map<std::string, int64_t> owner;  // joined words -> label (-1 foreign)
+  std::map<std::string, int64_t> by_name;
+  auto add = [&](const std::vector<std::string>& words, int64_t label) {
+    ls.phrases.push_back({words, label});
+    owner[join_words(words)] = label;
+  };
+  for (size_t i = 0; i < class_names.size(); ++i) {
+    auto words = match_words(class_names[i]);
+    if (words.empty())
+      throw ConfigError(fmt::format("[scoring] label set: class {} name '{}' has no letters or digits", i,
+                                    class_names[i]));
+    std::string key = join_words(words);
+    if (by_name.count(key))
+      throw ConfigError(fmt::format("[scoring] label set: class {} '{}' reads the same as class {} '{}'", i,
+                                    class_names[i], by_name[key], class_names[by_name[key]]));
+    by_name[key] = static_cast<int64_t>(i);
+    add(words, static_cast<int64_t>(i));
+  }
+  ls.digits = class_names.size() == 10;
+  for (int d = 0; d < 10 && ls.digits; ++d) ls.digits = class_names[d] == std::to_string(d);
+
+  auto add_builtin = [&](const std::string& alias, int64_t label) {
+    auto words = match_words(alias);
+    if (!owner.count(join_words(words))) add(words, label);  // an own name always wins over a built-in alias
+  };
+  if (ls.digits)
+    for (int d = 0; d < 10; ++d) add_builtin(number_words()[d], d);
+  bool fashion = class_names.size() == 10;
+  for (const auto& [name, _] : fashion_aliases()) fashion = fashion && by_name.count(name);
+  if (fashion)
+    for (const auto& [name, list] : fashion_aliases())
+      for (const auto& a : list) add_builtin(a, by_name[name]);
+
+  for (const auto& spec : aliases) {
+    size_t eq = spec.find('=');
+    std::string alias = eq == std::string::npos ? "" : trim(spec.substr(0, eq));
+    std::string target = eq == std::string::npos ? "" : trim(spec.substr(eq + 1));
+    if (alias.empty() || target.empty())
+      throw ConfigError(fmt::format("[scoring] alias '{}': expected 'alias=label' with both sides non-empty", spec));
+    auto it = by_name.find(join_words(match_words(target)));
+    if (it == by_name.end())
+      throw ConfigError(fmt::format("[scoring] alias '{}': '{}' is not one of the {} class names", spec, target,
+                                    class_names.size()));
+    auto words = match_words(alias);
+    if (words.empty()) throw ConfigError(fmt::format("[scoring] alias '{}': alias has no letters or digits", spec));
+    auto prev = owner.find(join_words(words));
+    if (prev != owner.end()) {
+      if (prev->second != it->second)
+        throw ConfigError(fmt::format("[scoring] alias '{}': '{}' already names class {} '{}'", spec, alias,
+                                      prev->second, class_names[prev->second]));
+      continue;
+    }
+    add(words, it->second);
+  }
+
+  if (!ls.digits)
+    for (int d = 0; d < 10; ++d)
+      if (d != 1) add_builtin(number_words()[d], -1);
+  for (const auto& f : foreign_labels) {
+    auto words = match_words(f);
+    if (!words.empty() && !owner.count(join_words(words))) add(words, -1);
+  }
+
+  std::sort(ls.phrases.begin(), ls.phrases.end(), [](const LabelSet::Phrase& a, const LabelSet::Phrase& b) {
+    if (a.words.size() != b.words.size()) return a.words.size() > b.words.size();
+    std::string ja = join_words(a.words), jb = join_words(b.words);
+    if (ja.size() != jb.size()) return ja.size() > jb.size();
+    return ja < jb;
+  });
+  return ls;
+}
+
+// ---- the strict verdict -----------------------------------------------------------------------------------------
+
+Verdict strict_verdict(const std::string& output, const LabelSet& labels, int64_t true_label) {
+  if (true_label < 0 || true_label >= labels.num_classes())
+    throw Error(fmt::format("[scoring] strict verdict: true label {} outside [0, {})", true_label,
+                            labels.num_classes()));
+  const auto words = match_words(output);
+  std::vector<char> used(words.size(), 0);
+  std::vector<std::pair<size_t, int64_t>> own;  // (position, label)
+  Verdict v;
+  for (const auto& p : labels.phrases) {
+    const size_t len = p.words.size();
+    for (size_t i = 0; i + len <= words.size(); ++i) {
+      bool hit = true;
+      for (size_t k = 0; k < len && hit; ++k) hit = !used[i + k] && words[i + k] == p.words[k];
+      if (!hit) continue;
+      std::fill(used.begin() + i, used.begin() + i + len, 1);
+      if (p.label >= 0) own.emplace_back(i, p.label);
+      else v.contradicting = true;
+      i += len - 1;
+    }
+  }
+  for (size_t i = 0; i < words.size(); ++i)
+    if (!used[i] && all_digits(words[i])) v.contradicting = true;
+  std::sort(own.begin(), own.end());
+  for (const auto& [pos, label] : own)
+    if (std::find(v.mentioned.begin(), v.mentioned.end(), label) == v.mentioned.end()) v.mentioned.push_back(label);
+
+  if (v.mentioned.empty()) {
+    v.kind = VerdictKind::extrinsic;
+  } else if (v.mentioned.size() > 1) {
+    v.kind = VerdictKind::intrinsic;
+  } else {
+    v.predicted = v.mentioned[0];
+    if (v.contradicting) v.kind = VerdictKind::intrinsic;
+    else v.kind = v.predicted == true_label ? VerdictKind::correct : VerdictKind::incorrect;
+  }
+  return v;
+}
+
+// ---- likelihood ranking ----------------------------------------------------------------------------------------
+
+LikelihoodResult likelihood_rank(const torch::Tensor& loglik, const torch::Tensor& labels) {
+  // loglik: [B, C], labels: [B] -> predicted [B] int64, correct [B] bool
+  TORCH_CHECK(loglik.dim() == 2 && loglik.size(1) > 0, "likelihood_rank: loglik must be [B, C] with C > 0, got ",
+              loglik.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == loglik.size(0), "likelihood_rank: labels must be [",
+              loglik.size(0), "], got ", labels.sizes());
+  TORCH_CHECK(!torch::isnan(loglik).any().item<bool>(), "likelihood_rank: loglik contains NaN");
+  auto lab = labels.to(torch::kLong);
+  const int64_t C = loglik.size(1);
+  if (lab.numel() > 0)
+    TORCH_CHECK(lab.min().item<int64_t>() >= 0 && lab.max().item<int64_t>() < C,
+                "likelihood_rank: labels outside [0, ", C, ")");
+  auto best = std::get<0>(loglik.max(1, /*keepdim=*/true));
+  auto idx = torch::arange(C, torch::TensorOptions().dtype(torch::kLong).device(loglik.device())).expand_as(loglik);
+  auto pred = std::get<0>(torch::where(loglik == best, idx, torch::full_like(idx, C)).min(1));
+  return {pred, pred == lab.to(pred.device())};
+}
+
+// ---- external judge ---------------------------------------------------------------------------------------------
+
+std::string judge_question(const std::string& label, const std::string& prediction) {
+  return "Is the \"Prediction\" correctly predicting the right \"Label\"? Label: " + label +
+         "; Prediction: " + prediction + ".";
+}
+
+namespace {
+
+std::string clip_text(const std::string& s, size_t max = 300) {
+  std::string t = trim(s);
+  return t.size() <= max ? t : t.substr(0, max) + "...";
+}
+
+struct ChildOutput {
+  int status = 0;
+  std::string out, err;
+};
+
+// Runs `sh -c command`, feeding `input` on stdin while draining stdout and stderr (no deadlock on big outputs;
+// a child that never reads stdin is fine: SIGPIPE is blocked and EPIPE ends the writing).
+ChildOutput run_with_pipes(const std::string& command, const std::string& input) {
+  int in[2], out[2], err[2];
+  if (::pipe2(in, O_CLOEXEC) != 0) throw IoError(fmt::format("[judge] pipe: {}", std::strerror(errno)));
+  if (::pipe2(out, O_CLOEXEC) != 0) {
+    ::close(in[0]); ::close(in[1]);
+    throw IoError(fmt::format("[judge] pipe: {}", std::strerror(errno)));
+  }
+  if (::pipe2(err, O_CLOEXEC) != 0) {
+    for (int fd : {in[0], in[1], out[0], out[1]}) ::close(fd);
+    throw IoError(fmt::format("[judge] pipe: {}", std::strerror(errno)));
+  }
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+  posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+  posix_spawn_file_actions_adddup2(&fa, err[1], 2);
+  std::string sh = "/bin/sh", dash_c = "-c", cmd = command;
+  char* argv[] = {sh.data(), dash_c.data(), cmd.data(), nullptr};
+  pid_t pid = -1;
+  int rc = posix_spawn(&pid, "/bin/sh", &fa, nullptr, argv, environ);
+  posix_spawn_file_actions_destroy(&fa);
+  ::close(in[0]);
+  ::close(out[1]);
+  ::close(err[1]);
+  if (rc != 0) {
+    ::close(in[1]); ::close(out[0]); ::close(err[0]);
+    throw IoError(fmt::format("[judge] cannot start '{}': {}", command, std::strerror(rc)));
+  }
+
+  sigset_t pipe_set, old_set;
+  sigemptyset(&pipe_set);
+  sigaddset(&pipe_set, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe_set, &old_set);
+  ::fcntl(in[1], F_SETFL, ::fcntl(in[1], F_GETFL) | O_NONBLOCK);
+
+  ChildOutput res;
+  size_t written = 0;
+  int in_fd = in[1];
+  if (input.empty()) { ::close(in_fd); in_fd = -1; }
+  bool out_open = true, err_open = true;
+  char buf[4096];
+  while (out_open || err_open) {
+    pollfd fds[3];
+    int nf = 0, i_out = -1, i_err = -1, i_in = -1;
+    if (out_open) { fds[nf] = {out[0], POLLIN, 0}; i_out = nf++; }
+    if (err_open) { fds[nf] = {err[0], POLLIN, 0}; i_err = nf++; }
+    if (in_fd >= 0) { fds[nf] = {in_fd, POLLOUT, 0}; i_in = nf++; }
+    if (::poll(fds, nf, -1) < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (i_in >= 0 && fds[i_in].revents) {
+      ssize_t w = ::write(in_fd, input.data() + written, input.size() - written);
+      if (w > 0) written += static_cast<size_t>(w);
+      if ((w < 0 && errno != EAGAIN && errno != EINTR) || written == input.size() || (fds[i_in].revents & POLLERR)) {
+        ::close(in_fd);
+        in_fd = -1;
+      }
+    }
+    for (auto [idx, fd, open, dst] : {std::tuple<int, int, bool*, std::string*>{i_out, out[0], &out_open, &res.out},
+                                      std::tuple<int, int, bool*, std::string*>{i_err, err[0], &err_open, &res.err}}) {
+      if (idx < 0 || !fds[idx].revents) continue;
+      ssize_t r = ::read(fd, buf, sizeof buf);
+      if (r > 0) dst->append(buf, static_cast<size_t>(r));
+      else if (r == 0 || (errno != EINTR && errno != EAGAIN)) *open = false;
+    }
+  }
+  if (in_fd >= 0) ::close(in_fd);
+  ::close(out[0]);
+  ::close(err[0]);
+  while (::waitpid(pid, &res.status, 0) < 0 && errno == EINTR) {
+  }
+  // Swallow a SIGPIPE raised by our own write before restoring the mask.
+  timespec zero{0, 0};
+  while (sigtimedwait(&pipe_set, nullptr, &zero) > 0) {
+  }
+  pthread_sigmask(SIG_SETMASK, &old_set, nullptr);
+  return res;
+}
+
+}  // namespace
+
+bool judge_says_yes(const std::string& command, const std::string& label, const std::string& prediction) {
+  if (trim(command).empty()) throw ConfigError("[judge] empty judge command (eval.judge_command)");
+  nlohmann::ordered_json q;
+  q["question"] = judge_question(label, prediction);
+  q["label"] = label;
+  q["prediction"] = prediction;
+  ChildOutput r = run_with_pipes(command, q.dump() + "\n");
+  if (!WIFEXITED(r.status) || WEXITSTATUS(r.status) != 0) {
+    std::string how = WIFEXITED(r.status) ? fmt::format("exited with status {}", WEXITSTATUS(r.status))
+                                          : fmt::format("was killed by signal {}", WTERMSIG(r.status));
+    throw Error(fmt::format("[judge] command '{}' {}; stdout: '{}'; stderr: '{}'", command, how, clip_text(r.out),
+                            clip_text(r.err)));
+  }
+  std::istringstream is(r.out);
+  std::string word;
+  is >> word;
+  std::string w;
+  for (char c : word) w.push_back(static_cast<char>(std::tolower(static_cast<unsigned char>(c))));
+  while (!w.empty() && std::ispunct(static_cast<unsigned char>(w.back()))) w.pop_back();
+  while (!w.empty() && std::ispunct(static_cast<unsigned char>(w.front()))) w.erase(w.begin());
+  if (w == "yes") return true;
+  if (w == "no") return false;
+  throw Error(fmt::format("[judge] command '{}' answered '{}' (expected yes or no as the first word); stderr: '{}'",
+                          command, clip_text(r.out), clip_text(r.err)));
+}
+
+// ---- re-scoring a run -------------------------------------------------------------------------------------------
+
+namespace {
+
+struct PredFile {
+  fs::path path;
+  std::string cell_dir;
+  int64_t epoch = 0;
+  std::string dataset;
+};
+
+std::vector<PredFile> list_prediction_files(const std::string& run_dir) {
+  fs::path root = fs::path(run_dir) / "predictions";
+  if (!fs::is_directory(root)) throw IoError(fmt::format("[rescore] {}: no predictions/ directory", run_dir));
+  std::vector<PredFile> files;
+  for (const auto& cell : fs::directory_iterator(root)) {
+    if (!cell.is_directory()) continue;
+    for (const auto& ep : fs::directory_iterator(cell.path())) {
+      std::string name = ep.path().filename().string();
+      if (!ep.is_directory() || name.rfind("epoch_", 0) != 0) continue;
+      std::string num = name.substr(6);
+      if (!all_digits(num)) throw FormatError(fmt::format("[rescore] {}: expected epoch_<k>", ep.path().string()));
+      for (const auto& f : fs::directory_iterator(ep.path())) {
+        if (!f.is_regular_file() || f.path().extension() != ".jsonl") continue;
+        files.push_back({f.path(), cell.path().filename().string(), std::stoll(num), f.path().stem().string()});
+      }
+    }
+  }
+  std::sort(files.begin(), files.end(), [](const PredFile& a, const PredFile& b) {
+    return std::tie(a.cell_dir, a.epoch, a.dataset) < std::tie(b.cell_dir, b.epoch, b.dataset);
+  });
+  return files;
+}
+
+nlohmann::ordered_json parse_json_line(const std::string& line, const std::string& where) {
+  try {
+    auto j = nlohmann::ordered_json::parse(line);
+    if (!j.is_object()) throw FormatError(fmt::format("[rescore] {}: expected a JSON object", where));
+    return j;
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError(fmt::format("[rescore] {}: invalid JSON: {}", where, e.what()));
+  }
+}
+
+template <class T>
+T field(const nlohmann::ordered_json& j, const char* key, const std::string& where) {
+  auto it = j.find(key);
+  if (it == j.end()) throw FormatError(fmt::format("[rescore] {}: missing field '{}'", where, key));
+  try {
+    return it->get<T>();
+  } catch (const nlohmann::json::exception&) {
+    throw FormatError(fmt::format("[rescore] {}: field '{}' has the wrong type ({})", where, key, it->dump()));
+  }
+}
+
+std::vector<std::string> read_lines(const std::string& path) {
+  std::vector<std::string> lines;
+  std::istringstream is(read_file(path));
+  std::string line;
+  while (std::getline(is, line)) lines.push_back(line);
+  return lines;
+}
+
+}  // namespace
+
+std::map<std::string, std::vector<std::string>> class_names_from_predictions(const std::string& run_dir) {
+  std::map<std::string, std::map<int64_t, std::string>> seen;
+  for (const auto& f : list_prediction_files(run_dir)) {
+    auto lines = read_lines(f.path.string());
+    for (size_t i = 0; i < lines.size(); ++i) {
+      if (trim(lines[i]).empty()) continue;
+      std::string where = fmt::format("{}:{}", f.path.string(), i + 1);
+      auto j = parse_json_line(lines[i], where);
+      int64_t label = field<int64_t>(j, "label", where);
+      std::string name = field<std::string>(j, "label_name", where);
+      std::string ds = j.contains("dataset") ? field<std::string>(j, "dataset", where) : f.dataset;
+      auto [it, fresh] = seen[ds].emplace(label, name);
+      if (!fresh && it->second != name)
+        throw FormatError(fmt::format("[rescore] {}: label {} is named '{}' here and '{}' elsewhere", where, label,
+                                      name, it->second));
+    }
+  }
+  std::map<std::string, std::vector<std::string>> out;
+  for (const auto& [ds, m] : seen) {
+    std::vector<std::string> names;
+    for (const auto& [label, name] : m) {
+      if (label != static_cast<int64_t>(names.size()))
+        throw FormatError(fmt::format("[rescore] {}: dataset '{}' never shows label {} (saw up to {}); pass the "
+                                      "run's config so class names come from it",
+                                      run_dir, ds, names.size(), m.rbegin()->first));
+      names.push_back(name);
+    }
+    out[ds] = names;
+  }
+  return out;
+}
+
+RescoreSummary rescore_run(const std::string& run_dir, const RescoreOptions& opts) {
+  RescoreSummary sum;
+  std::map<std::string, ResultRow> fresh;  // key -> recomputed row
+  std::vector<std::string> order;
+  const std::string run_name = fs::path(run_dir).lexically_normal().filename().string().empty()
+                                   ? fs::path(run_dir).lexically_normal().parent_path().filename().string()
+                                   : fs::path(run_dir).lexically_normal().filename().string();
+  for (const auto& f : list_prediction_files(run_dir)) {
+    ++sum.files;
+    auto lines = read_lines(f.path.string());
+    CellId cell;
+    bool cell_known = false;
+    ResultRow strict, judge;
+    bool file_changed = false;
+    std::string rewritten;
+    for (size_t i = 0; i < lines.size(); ++i) {
+      if (trim(lines[i]).empty()) continue;
+      std::string where = fmt::format("{}:{}", f.path.string(), i + 1);
+      auto j = parse_json_line(lines[i], where);
+      if (!cell_known) {
+        if (j.contains("method") && j.contains("finetune_dataset")) {
+          cell.method = field<std::string>(j, "method", where);
+          cell.finetune_dataset = field<std::string>(j, "finetune_dataset", where);
+          cell.seed = j.contains("seed") ? field<int64_t>(j, "seed", where) : 0;
+        } else {
+          cell = parse_cell_name(f.cell_dir);
+        }
+        cell_known = true;
+      }
+      std::string ds = j.contains("dataset") ? field<std::string>(j, "dataset", where) : f.dataset;
+      auto ls = opts.label_sets.find(ds);
+      if (ls == opts.label_sets.end()) {
+        std::string known;
+        for (const auto& [k, _] : opts.label_sets) known += (known.empty() ? "" : ", ") + k;
+        throw ConfigError(fmt::format("[rescore] {}: no label set for eval dataset '{}' (known: {})", where, ds, known));
+      }
+      int64_t label = field<int64_t>(j, "label", where);
+      std::string output = field<std::string>(j, "output", where);
+      if (label < 0 || label >= ls->second.num_classes())
+        throw FormatError(fmt::format("[rescore] {}: label {} outside [0, {}) of dataset '{}'", where, label,
+                                      ls->second.num_classes(), ds));
+      Verdict v = strict_verdict(output, ls->second, label);
+      std::string vname = verdict_name(v.kind);
+      if (!j.contains("verdict_strict") || j["verdict_strict"] != vname) {
+        ++sum.changed;
+        file_changed = true;
+      }
+      j["verdict_strict"] = vname;
+      auto bump = [](ResultRow& r, VerdictKind k) {
+        ++r.n;
+        switch (k) {
+          case VerdictKind::correct: ++r.n_correct; break;
+          case VerdictKind::incorrect: ++r.n_incorrect; break;
+          case VerdictKind::intrinsic: ++r.n_intrinsic; break;
+          case VerdictKind::extrinsic: ++r.n_extrinsic; break;
+        }
+      };
+      bump(strict, v.kind);
+      if (!opts.judge_command.empty()) {
+        std::string label_name = j.contains("label_name") ? field<std::string>(j, "label_name", where)
+                                                          : ls->second.class_names[label];
+        bool yes = judge_says_yes(opts.judge_command, label_name, output);
+        // A "no" keeps the strict failure kind when strict agrees it failed, so the taxonomy survives.
+        VerdictKind jk = yes ? VerdictKind::correct
+                             : (v.kind == VerdictKind::correct ? VerdictKind::incorrect : v.kind);
+        if (!j.contains("verdict_judge") || j["verdict_judge"] != verdict_name(jk)) file_changed = true;
+        j["verdict_judge"] = verdict_name(jk);
+        bump(judge, jk);
+      }
+      ++sum.predictions;
+      rewritten += j.dump() + "\n";
+    }
+    if (file_changed) write_file_atomic(f.path.string(), rewritten);
+    if (strict.n == 0) continue;
+    for (auto* r : {&strict, &judge}) {
+      if (r->n == 0) continue;
+      r->kind = "mllm";
+      r->finetune_dataset = cell.finetune_dataset;
+      r->method = cell.method;
+      r->seed = cell.seed;
+      r->epoch = f.epoch;
+      r->eval_dataset = f.dataset;
+      r->scorer = r == &strict ? "strict" : "judge";
+      r->accuracy = static_cast<double>(r->n_correct) / static_cast<double>(r->n);
+      std::tie(r->ci_low, r->ci_high) = wilson_interval(r->n_correct, r->n);
+      r->run = run_name;
+      std::string key = r->key();
+      if (!fresh.count(key)) order.push_back(key);
+      fresh[key] = *r;
+    }
+  }
+
+  // Rewrite results.jsonl: rows with a recomputed key get the new numbers (other fields kept), the rest stay.
+  std::string results_path = (fs::path(run_dir) / "results.jsonl").string();
+  std::string out;
+  std::set<std::string> done;
+  if (fs::exists(results_path)) {
+    auto lines = read_lines(results_path);
+    for (size_t i = 0; i < lines.size(); ++i) {
+      if (trim(lines[i]).empty()) continue;
+      std::string where = fmt::format("{}:{}", results_path, i + 1);
+      ResultRow row = parse_result_line(lines[i], where);
+      auto it = fresh.find(row.key());
+      if (it == fresh.end()) {
+        out += lines[i] + "\n";
+        continue;
+      }
+      auto j = parse_json_line(lines[i], where);
+      // New numbers over the old row; "run" and fields this code does not know stay as they were.
+      auto fresh_json = nlohmann::ordered_json::parse(result_to_json_line(it->second));
+      fresh_json.erase("run");
+      for (auto kv = fresh_json.begin(); kv != fresh_json.end(); ++kv) j[kv.key()] = kv.value();
+      out += j.dump() + "\n";
+      done.insert(it->first);
+      ++sum.rows_written;
+    }
+  }
+  for (const auto& key : order) {
+    if (done.count(key)) continue;
+    out += result_to_json_line(fresh[key]) + "\n";
+    ++sum.rows_written;
+  }
+  write_file_atomic(results_path, out);
+  return sum;
+}
+
+}  // namespace emt

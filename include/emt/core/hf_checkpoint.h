@@ -1,0 +1,53 @@
+// HF checkpoint plumbing: key-style mapping, strict state loading with one report of every problem, config.json
+// readers/writers, and loading/saving plain CLIP and LLaMA directories.
+#pragma once
+#include <emt/core/clip.h>
+#include <emt/core/llama.h>
+
+#include <functional>
+#include <string>
+
+namespace emt {
+
+class CheckpointReader;
+
+// File key -> the module key of LlavaModel (older llava-hf layout); "" when the key is a known non-persistent
+// buffer to skip (`*.position_ids`, `*.rotary_emb.inv_freq`). Handles the newer `model.language_model.*`,
+// `model.vision_tower.*`, `model.multi_modal_projector.*`, `lm_head.*` and the original `model.mm_projector.0/2`.
+std::string llava_module_key(const std::string& file_key);
+// Module key -> file key in `style` "old" (identity) or "new". ConfigError on other styles.
+std::string llava_file_key(const std::string& module_key, const std::string& style);
+
+// Copies every tensor of `reader` into `module`'s parameters and buffers, where `to_module_key` names the target
+// ("" = skip). Converts dtype and device to the target's. Throws one FormatError listing all missing, unexpected
+// and mis-shaped tensors by name (`source` labels the message). `optional_missing` names module keys that may be
+// absent (left as they are).
+void load_state_strict(torch::nn::Module& module, const CheckpointReader& reader,
+                       const std::function<std::string(const std::string&)>& to_module_key,
+                       const std::string& source, const std::vector<std::string>& optional_missing = {});
+// The module's parameters and buffers as (file key, tensor), LoRA children skipped.
+std::vector<std::pair<std::string, torch::Tensor>> state_for_save(
+    torch::nn::Module& module, const std::function<std::string(const std::string&)>& to_file_key);
+
+// Plain HF CLIP (`vision_model.*`, `text_model.*`, `visual_projection`, `text_projection`, `logit_scale`).
+ClipModel load_clip(const std::string& hf_dir, torch::ScalarType dtype = torch::kFloat32,
+                    torch::Device device = torch::kCPU);
+void save_clip(ClipModel& model, const std::string& dir);
+// Plain HF LLaMA (`model.*`, `lm_head.*`).
+LlamaForCausalLM load_llama(const std::string& hf_dir, torch::ScalarType dtype = torch::kFloat32,
+                            torch::Device device = torch::kCPU);
+void save_llama(LlamaForCausalLM& model, const std::string& dir);
+
+// Builds modules with parameters created directly in `dtype` (so a 7B model in bf16 never exists in f32).
+class DefaultDtypeGuard {
+ public:
+  explicit DefaultDtypeGuard(torch::ScalarType dtype);
+  ~DefaultDtypeGuard();
+  DefaultDtypeGuard(const DefaultDtypeGuard&) = delete;
+  DefaultDtypeGuard& operator=(const DefaultDtypeGuard&) = delete;
+
+ private:
+  caffe2::TypeMeta saved_;
+};
+
+}  // namespace emt

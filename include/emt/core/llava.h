@@ -1,0 +1,91 @@
+// The LLaVA-style multimodal model: CLIP vision tower -> selected features -> projector -> image embeddings
+// spliced into the LLaMA input sequence at the image placeholder. Parameter names are the older llava-hf layout
+// (`vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.*`).
+#pragma once
+#include <emt/core/clip.h>
+#include <emt/core/llama.h>
+#include <emt/core/projector.h>
+
+#include <string>
+
+namespace emt {
+
+struct ModelSection;
+
+struct LlavaOptions {
+  ClipVisionOptions vision;
+  ProjectorOptions projector;
+  LlamaOptions llm;
+  int64_t select_layer = -2;             // index into the vision tower's hidden states
+  std::string select_feature = "patch";  // patch (drop CLS) | cls_patch
+  int64_t image_token_id = -1;
+  std::string conversation = "plain";    // prompt template the weights were trained with (kept in config.json)
+  int64_t num_image_tokens() const { return vision.num_patches() + (select_feature == "cls_patch" ? 1 : 0); }
+};
+LlavaOptions llava_options(const ModelSection& m, int64_t image_token_id);  // ConfigError on bad shapes
+
+struct LlavaOutput {
+  torch::Tensor logits;  // [B, T', V]
+  torch::Tensor loss;    // scalar: mean next-token cross entropy over labels != -100; undefined without labels
+  torch::Tensor labels;  // [B, T'] after splicing (undefined without labels)
+};
+
+// Text and images merged into one embedding sequence (what the decoder sees).
+struct SplicedInputs {
+  torch::Tensor embeds;          // [B, T', D]
+  torch::Tensor attention_mask;  // [B, T'] int64
+  torch::Tensor labels;          // [B, T'] or undefined
+  torch::Tensor image_starts;    // [B] int64: first image-embedding slot of each row (-1 without images)
+};
+
+struct LlavaModelImpl : torch::nn::Module {
+  explicit LlavaModelImpl(const LlavaOptions& o);
+
+  // images: [B, 3, S, S] or undefined, input_ids/attention_mask/labels: [B, T] (labels may be undefined).
+  // Each row of input_ids holds exactly one image_token_id when images are given (none otherwise); it is
+  // replaced by N image embeddings (labels -100, mask 1 there), so T' = T - 1 + N (+ K prompt-prefix tokens).
+  LlavaOutput forward(const torch::Tensor& images, const torch::Tensor& input_ids,
+                      const torch::Tensor& attention_mask, const torch::Tensor& labels = {});
+  // images: [B, 3, S, S] -> [B, N, D_llm]; the tower runs under NoGrad unless one of its parameters is trainable.
+  torch::Tensor encode_images(const torch::Tensor& images);
+  // image_features: [B, N, D_llm] or undefined -> the decoder's input sequence (prompt prefix included).
+  SplicedInputs splice(const torch::Tensor& image_features, const torch::Tensor& input_ids,
+                       const torch::Tensor& attention_mask, const torch::Tensor& labels = {});
+  // Prompt tuning: K learned embeddings [K, D_llm] (owned by the caller) prepended to every sequence with mask 1
+  // and labels -100, as PEFT PROMPT_TUNING does. Undefined removes it.
+  void set_prompt_prefix(torch::Tensor prefix);
+  const torch::Tensor& prompt_prefix() const { return prompt_prefix_; }
+
+  LlavaOptions options;
+  int64_t image_token_id = -1;
+  ClipVisionModel vision_tower{nullptr};
+  Projector multi_modal_projector{nullptr};
+  LlamaForCausalLM language_model{nullptr};
+
+ private:
+  torch::Tensor prompt_prefix_;
+};
+TORCH_MODULE(LlavaModel);
+
+// Next-token cross entropy averaged over labels != -100 (labels[t+1] scored by logits[t]); computed in f32.
+torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels);
+// Per-sample sum of log p(label[t+1] | ...) over labels != -100: logits [B, T, V], labels [B, T] -> [B] f32.
+// The evaluator's likelihood ranking uses it on forward() outputs.
+torch::Tensor answer_logprobs(const torch::Tensor& logits, const torch::Tensor& labels);
+
+// A randomly initialised model with the shapes of `m` (the tiny base model starts here).
+LlavaModel build_llava(const ModelSection& m, int64_t image_token_id);
+// Shapes of an HF model directory's config.json (llava, llama or clip) as a ModelSection (pretrained = dir).
+ModelSection model_section_from_hf(const std::string& dir);
+// Loads an HF LLaVA directory (config.json + model.safetensors or sharded index; old or new llava-hf keys, or the
+// original `model.mm_projector.{0,2}` projector keys), converting to `dtype`. Strict: missing, unexpected and
+// mis-shaped tensors are all reported by name in one FormatError. image_token_id comes from config.json.
+LlavaModel load_llava(const std::string& hf_dir, torch::ScalarType dtype = torch::kFloat32,
+                      torch::Device device = torch::kCPU);
+// Writes config.json (HF LlavaConfig layout) and safetensors (sharded above max_shard_bytes) with keys in
+// `key_style` "old" (language_model.model.*) or "new" (model.language_model.*). LoRA children are not part of a
+// base checkpoint and are skipped: merge them first to bake them in.
+void save_llava(LlavaModel& model, const std::string& dir, const std::string& key_style = "old",
+                uint64_t max_shard_bytes = 5ull << 30);
+
+}  // namespace emt

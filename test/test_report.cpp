@@ -1,0 +1,279 @@
+// Report: tables parse with the expected numbers, PNGs decode at their fixed sizes, report.html inlines every
+// image, split run directories combine to the same tables, and duplicates are handled.
+#include <emt/core/error.h>
+#include <emt/eval/metrics.h>
+#include <emt/eval/report.h>
+
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+#include <sstream>
+
+#include "test/helpers.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// 2 methods x 2 fine-tune datasets x 3 epochs x 3 eval datasets + base + CLIP rows. Accuracy (%):
+// base mnist 90, cifar10 80, shapes 70; the fine-tuned dataset gains 2 per epoch; every other dataset loses
+// 10 per epoch (linear) or 20 per epoch (lora). CLIP zero-shot: 95, 90, 85.
+std::vector<std::string> report_lines() {
+  const std::vector<std::string> ev = {"mnist", "cifar10", "shapes"};
+  const int base[3] = {90, 80, 70};
+  auto line = [](const std::string& kind, const std::string& ft, const std::string& method, int epoch,
+                 const std::string& eval, const std::string& scorer, int correct, int intrinsic, int extrinsic) {
+    nlohmann::ordered_json j;
+    j["kind"] = kind;
+    j["finetune_dataset"] = ft;
+    j["method"] = method;
+    j["seed"] = 0;
+    j["epoch"] = epoch;
+    j["eval_dataset"] = eval;
+    j["scorer"] = scorer;
+    j["accuracy"] = correct / 100.0;
+    j["n"] = 100;
+    j["n_correct"] = correct;
+    j["n_incorrect"] = 100 - correct - intrinsic - extrinsic;
+    j["n_intrinsic"] = intrinsic;
+    j["n_extrinsic"] = extrinsic;
+    j["ci_low"] = 0.0;
+    j["ci_high"] = 1.0;
+    j["run"] = "hand";
+    return j.dump();
+  };
+  std::vector<std::string> out;
+  for (int d = 0; d < 3; ++d) out.push_back(line("mllm", "", "base", 0, ev[d], "strict", base[d], 2, 3));
+  for (int d = 0; d < 3; ++d) out.push_back(line("clip_zero_shot", "", "clip", 0, ev[d], "clip_zero_shot", 95 - 5 * d, 0, 0));
+  for (const std::string method : {"linear", "lora"})
+    for (const std::string ft : {"mnist", "cifar10"})
+      for (int e = 1; e <= 3; ++e)
+        for (int d = 0; d < 3; ++d) {
+          const int step = method == "lora" ? 20 : 10;
+          const int acc = ev[d] == ft ? base[d] + 2 * e : base[d] - step * e;
+          const int lost = 100 - acc;  // failures split: 1/2 extrinsic, 1/4 intrinsic, rest incorrect
+          out.push_back(line("mllm", ft, method, e, ev[d], "strict", acc, lost / 4, lost / 2));
+        }
+  return out;
+}
+
+std::string write_run(const std::string& name, const std::vector<std::string>& lines) {
+  std::string dir = emt_test::scratch_dir(name);
+  std::ofstream f(dir + "/results.jsonl");
+  for (const auto& l : lines) f << l << "\n";
+  return dir;
+}
+
+std::vector<std::vector<std::string>> read_csv(const std::string& path) {
+  std::vector<std::vector<std::string>> rows;
+  std::istringstream is(slurp(path));
+  std::string line;
+  while (std::getline(is, line)) {
+    std::vector<std::string> cells;
+    std::string cell;
+    std::istringstream ls(line);
+    while (std::getline(ls, cell, ',')) cells.push_back(cell);
+    if (!line.empty() && line.back() == ',') cells.push_back("");
+    rows.push_back(cells);
+  }
+  return rows;
+}
+
+// The CSV row whose first cells equal `prefix`.
+std::vector<std::string> find_row(const std::vector<std::vector<std::string>>& rows,
+                                  const std::vector<std::string>& prefix) {
+  for (const auto& r : rows)
+    if (r.size() >= prefix.size() && std::equal(prefix.begin(), prefix.end(), r.begin())) return r;
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("report writes tables with the expected values", "[report]") {
+  std::string run = write_run("report-one", report_lines());
+  std::string out = emt_test::scratch_dir("report-one-out");
+  auto files = emt::write_report(emt::load_results({run}), {out, "strict", "test"});
+  for (const char* f : {"accuracy.csv", "accuracy_matrix_linear.csv", "accuracy_matrix_lora.csv", "forgetting.csv",
+                        "summary.csv", "encoder_gap.csv", "verdicts.csv", "report.json", "report.html"})
+    CHECK(fs::exists(out + "/" + f));
+  CHECK(files.tables.size() == 8);
+  CHECK(files.plots.size() == 12);  // 4 accuracy + 2 radar + 2 heatmap + 4 verdict plots
+
+  auto acc = read_csv(out + "/accuracy.csv");
+  CHECK(acc[0][0] == "method");
+  CHECK(acc.size() == 1 + 2 * 2 * 4 * 3);  // epochs 0..3 for each cell
+  auto r = find_row(acc, {"lora", "mnist", "3", "cifar10"});
+  REQUIRE(r.size() == 10);
+  CHECK(std::stod(r[4]) == Approx(0.20));  // 80 - 3 * 20
+  CHECK(r[6] == "100");
+  CHECK(r[7] == "20");
+  CHECK(std::stod(find_row(acc, {"linear", "cifar10", "2", "cifar10"})[4]) == Approx(0.84));
+  CHECK(std::stod(find_row(acc, {"linear", "cifar10", "0", "shapes"})[4]) == Approx(0.70));  // base as epoch 0
+
+  auto wide = read_csv(out + "/accuracy_matrix_lora.csv");
+  CHECK(wide[0] == std::vector<std::string>{"finetune_dataset", "epoch", "mnist", "cifar10", "shapes"});
+  CHECK(std::stod(find_row(wide, {"cifar10", "3"})[2]) == Approx(0.30));  // mnist: 90 - 60
+
+  auto sum = read_csv(out + "/summary.csv");
+  auto s = find_row(sum, {"lora", "mnist"});
+  REQUIRE(s.size() == 7);
+  CHECK(s[2] == "3");
+  CHECK(std::stod(s[3]) == Approx(0.60));  // both other datasets lost 60 points
+  CHECK(std::stod(s[4]) == Approx(0.60));  // the max is the base
+  CHECK(std::stod(s[5]) == Approx(0.40));  // epoch 1 - epoch 3 = 40 points
+  CHECK(std::stod(s[6]) == Approx(0.06));  // plasticity: 3 epochs x 2
+  CHECK(std::stod(find_row(sum, {"linear", "cifar10"})[3]) == Approx(0.30));
+
+  auto fg = read_csv(out + "/forgetting.csv");
+  CHECK(fg[0].back() == "base_minus_epoch_3");
+  auto f = find_row(fg, {"linear", "mnist", "mnist"});
+  CHECK(f[3] == "1");
+  CHECK(std::stod(f[5]) == Approx(-0.06));
+
+  auto gap = read_csv(out + "/encoder_gap.csv");
+  CHECK(std::stod(find_row(gap, {"mnist"})[3]) == Approx(0.05));
+  CHECK(std::stod(find_row(gap, {"total"})[3]) == Approx(0.05 + 0.10 + 0.15));
+
+  auto ver = read_csv(out + "/verdicts.csv");
+  auto v = find_row(ver, {"lora", "mnist", "3", "shapes"});  // acc 10: lost 90 -> 45 extr, 22 intr, 23 incorrect
+  REQUIRE(v.size() == 13);
+  CHECK(v[5] == "10");
+  CHECK(v[6] == "23");
+  CHECK(v[7] == "22");
+  CHECK(v[8] == "45");
+  CHECK(std::stod(v[12]) == Approx(0.45));
+
+  auto j = nlohmann::json::parse(slurp(out + "/report.json"));
+  CHECK(j["scorer"] == "strict");
+  CHECK(j["methods"] == nlohmann::json({"linear", "lora"}));
+  CHECK(j["eval_datasets"] == nlohmann::json({"mnist", "cifar10", "shapes"}));
+  CHECK(j["epochs"] == 3);
+  CHECK(j["encoder_gap"]["total"].get<double>() == Approx(0.30));
+  CHECK(j["base"]["shapes"].get<double>() == Approx(0.70));
+  bool found = false;
+  for (const auto& s2 : j["summary"])
+    if (s2["method"] == "lora" && s2["finetune_dataset"] == "cifar10") {
+      found = true;
+      CHECK(s2["avg_base_minus_last"].get<double>() == Approx(0.60));
+      CHECK(s2["plasticity"].get<double>() == Approx(0.06));
+    }
+  CHECK(found);
+  CHECK(j["accuracy"].size() == 48);
+  CHECK(j["accuracy"][0]["per_seed"]["0"].is_number());
+
+  CHECK(files.matrix.find("method lora") != std::string::npos);
+  CHECK(files.matrix.find("clip zero-shot") != std::string::npos);
+  CHECK(files.matrix.find("20.0") != std::string::npos);
+}
+
+TEST_CASE("report PNGs decode at their fixed sizes and are inlined in report.html", "[report]") {
+  std::string run = write_run("report-png", report_lines());
+  std::string out = emt_test::scratch_dir("report-png-out");
+  auto files = emt::write_report(emt::load_results({run}), {out, "strict", "test"});
+  const std::string html = slurp(files.html);
+  CHECK(html.find("<table>") != std::string::npos);
+  size_t uris = 0;
+  for (size_t p = html.find("data:image/png;base64,"); p != std::string::npos;
+       p = html.find("data:image/png;base64,", p + 1))
+    ++uris;
+  CHECK(uris == files.plots.size());
+  for (const auto& p : files.plots) {
+    cv::Mat img = cv::imread(p, cv::IMREAD_COLOR);
+    INFO(p);
+    REQUIRE_FALSE(img.empty());
+    const bool radar = fs::path(p).filename().string().rfind("radar_", 0) == 0;
+    CHECK(img.cols == (radar ? emt::kRadarSize : emt::kPlotWidth));
+    CHECK(img.rows == (radar ? emt::kRadarSize : emt::kPlotHeight));
+    // Not blank: a plot has many non-white pixels.
+    cv::Mat gray;
+    cv::cvtColor(img, gray, cv::COLOR_BGR2GRAY);
+    CHECK(cv::countNonZero(gray < 250) > 2000);
+    CHECK(html.find(emt::base64_encode(slurp(p))) != std::string::npos);
+  }
+  for (const char* name : {"plots/accuracy_lora_mnist.png", "plots/radar_linear.png", "plots/heatmap_lora.png",
+                           "plots/verdicts_linear_cifar10.png"})
+    CHECK(fs::exists(out + "/" + name));
+}
+
+TEST_CASE("base64 encoding matches RFC 4648 vectors", "[report]") {
+  CHECK(emt::base64_encode("") == "");
+  CHECK(emt::base64_encode("f") == "Zg==");
+  CHECK(emt::base64_encode("fo") == "Zm8=");
+  CHECK(emt::base64_encode("foo") == "Zm9v");
+  CHECK(emt::base64_encode("foobar") == "Zm9vYmFy");
+  CHECK(emt::base64_encode(std::string("\xff\x00\x10", 3)) == "/wAQ");
+}
+
+TEST_CASE("combining split run directories gives the same tables; duplicates are replaced", "[report]") {
+  auto lines = report_lines();
+  std::vector<std::string> a(lines.begin(), lines.begin() + lines.size() / 2),
+      b(lines.begin() + lines.size() / 2, lines.end());
+  std::string one = write_run("report-all", lines), h1 = write_run("report-h1", a), h2 = write_run("report-h2", b);
+  std::string o1 = emt_test::scratch_dir("report-all-out"), o2 = emt_test::scratch_dir("report-split-out");
+  emt::write_report(emt::load_results({one}), {o1, "strict", "t"});
+  emt::write_report(emt::load_results({h1, h2}), {o2, "strict", "t"});
+  for (const char* f : {"accuracy.csv", "accuracy_matrix_lora.csv", "forgetting.csv", "summary.csv",
+                        "encoder_gap.csv", "verdicts.csv"})
+    CHECK(slurp(o1 + "/" + f) == slurp(o2 + "/" + f));
+  auto j1 = nlohmann::json::parse(slurp(o1 + "/report.json")), j2 = nlohmann::json::parse(slurp(o2 + "/report.json"));
+  j1.erase("runs");
+  j2.erase("runs");
+  CHECK(j1 == j2);
+
+  // A third task re-ran one cell: its row replaces the earlier one, and the report says so.
+  auto redo = nlohmann::json::parse(lines[6]);  // linear/mnist epoch 1 on mnist
+  REQUIRE(redo["method"] == "linear");
+  redo["accuracy"] = 0.5;
+  redo["n_correct"] = 50;
+  redo["n_incorrect"] = 50 - redo["n_intrinsic"].get<int>() - redo["n_extrinsic"].get<int>();
+  std::string h3 = write_run("report-h3", {redo.dump()});
+  auto loaded = emt::load_results({h1, h2, h3});
+  CHECK(loaded.duplicates == 1);
+  std::string o3 = emt_test::scratch_dir("report-dup-out");
+  emt::write_report(loaded, {o3, "strict", "t"});
+  auto acc = read_csv(o3 + "/accuracy.csv");
+  CHECK(std::stod(find_row(acc, {"linear", "mnist", "1", "mnist"})[4]) == Approx(0.50));
+  CHECK(nlohmann::json::parse(slurp(o3 + "/report.json"))["duplicates"] == 1);
+}
+
+TEST_CASE("format_matrix prints base, epochs and CLIP rows", "[report]") {
+  std::vector<emt::ResultRow> rows;
+  for (const auto& l : report_lines()) rows.push_back(emt::parse_result_line(l, "mem"));
+  std::string m = emt::format_matrix(rows, "strict");
+  CHECK(m.find("accuracy (%), strict scorer") != std::string::npos);
+  CHECK(m.find("method linear") < m.find("method lora"));
+  CHECK(m.find("cifar10 e3") != std::string::npos);
+  CHECK(m.find("90.0") != std::string::npos);
+  CHECK_THROWS_AS(emt::format_matrix(rows, "judge"), emt::Error);
+}
+
+TEST_CASE("emt report CLI combines runs and reports errors with exit codes", "[report]") {
+  auto lines = report_lines();
+  std::string h1 = write_run("report-cli-h1", std::vector<std::string>(lines.begin(), lines.begin() + 20));
+  std::string h2 = write_run("report-cli-h2", std::vector<std::string>(lines.begin() + 20, lines.end()));
+  std::string out = emt_test::scratch_dir("report-cli-out");
+  auto r = emt_test::run_cli("report " + h1 + " " + h2 + " --out " + out);
+  INFO(r.output);
+  CHECK(r.code == 0);
+  CHECK(r.output.find("report: " + out + "/report.html") != std::string::npos);
+  CHECK(r.output.find("method lora") != std::string::npos);
+  CHECK(fs::exists(out + "/plots/radar_lora.png"));
+  CHECK(emt_test::run_cli("report " + h1 + " --out " + out + " --scorer judge").code == 1);
+  CHECK(emt_test::run_cli("report " + h1 + "/missing --out " + out).code == 1);
+  CHECK(emt_test::run_cli("report " + h1).code == 2);  // --out is required
+  std::string bad = write_run("report-cli-bad", {R"({"kind":"mllm"})"});
+  auto rb = emt_test::run_cli("report " + bad + " --out " + out);
+  CHECK(rb.code == 1);
+  CHECK(rb.output.find("results.jsonl:1") != std::string::npos);
+}
