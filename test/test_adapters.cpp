@@ -193,6 +193,11 @@ TEST_CASE("lora: merged equals unmerged, unmerge restores the base weights, runt
   emt_test::randomize_lora(*m);
   auto adapted = m->forward(img, ids);
   REQUIRE(max_abs_diff(adapted, base) > 1e-3);
+  // Before any merge, runtime scale 0 skips the delta: exactly the base model.
+  emt::set_lora_runtime_scale(*m, 0.0);
+  CHECK(torch::equal(m->forward(img, ids), base));
+  emt::set_lora_runtime_scale(*m, 1.0);
+  CHECK(torch::equal(m->forward(img, ids), adapted));
 
   emt::merge_lora(*m);
   for (auto& [p, lin] : emt::lora_layers(*m)) CHECK(lin->merged());
@@ -204,9 +209,10 @@ TEST_CASE("lora: merged equals unmerged, unmerge restores the base weights, runt
   for (auto& [p, lin] : emt::linear_layers(*m)) CHECK(max_abs_diff(lin->weight, base_w[i++]) <= 1e-6);
   CHECK(max_abs_diff(m->forward(img, ids), adapted) <= 1e-6);
 
-  // Runtime scale: 0 is exactly the base model; 1 the adapted one; merged layers follow the scale too.
+  // Runtime scale: 0 is the base model (up to the rounding the merge/unmerge cycle above left in the weights);
+  // 1 the adapted one; merged layers follow the scale too.
   emt::set_lora_runtime_scale(*m, 0.0);
-  CHECK(torch::equal(m->forward(img, ids), base));
+  CHECK(max_abs_diff(m->forward(img, ids), base) <= 1e-5);
   emt::set_lora_runtime_scale(*m, 0.5);
   auto half = m->forward(img, ids);
   CHECK(max_abs_diff(half, base) > 1e-4);

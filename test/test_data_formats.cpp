@@ -83,7 +83,7 @@ TEST_CASE("IDX raw and gzip read back exact pixels and labels", "[data]") {
   REQUIRE(train->size() == 3);
   REQUIRE(test->size() == 2);
   CHECK(train->name() == "digits");
-  CHECK(train->class_names() == std::vector<std::string>{"0", "1", "2", "3", "4", "5", "6", "7", "8", "9"});
+  CHECK((train->class_names() == std::vector<std::string>{"0", "1", "2", "3", "4", "5", "6", "7", "8", "9"}));
   for (int i = 0; i < 3; ++i) {
     auto im = train->image(i);
     REQUIRE(im.sizes() == torch::IntArrayRef({2, 4, 1}));
@@ -120,7 +120,7 @@ TEST_CASE("IDX bad input: wrong magic, truncated, trailing bytes, count mismatch
   auto parse = [](const std::string& b) {
     return emt::parse_idx(reinterpret_cast<const uint8_t*>(b.data()), b.size(), "x.idx");
   };
-  CHECK(parse(good).dims == std::vector<int64_t>{2, 2, 2});
+  CHECK((parse(good).dims == std::vector<int64_t>{2, 2, 2}));
   std::string magic = good;
   magic[0] = 0x12;
   CHECK_THROWS_AS(parse(magic), emt::FormatError);
@@ -129,7 +129,7 @@ TEST_CASE("IDX bad input: wrong magic, truncated, trailing bytes, count mismatch
   type[2] = 0x0D;  // float data is not supported
   CHECK_THAT(data_error_of([&] { parse(type); }), Catch::Contains("0x0d"));
   CHECK_THAT(data_error_of([&] { parse(good.substr(0, good.size() - 3)); }),
-             Catch::Contains("x.idx") && Catch::Contains("truncated") && Catch::Contains("record 0"));
+             Catch::Contains("x.idx") && Catch::Contains("truncated") && Catch::Contains("record 1"));
   CHECK_THAT(data_error_of([&] { parse(good.substr(0, 6)); }), Catch::Contains("header"));
   CHECK_THAT(data_error_of([&] { parse(good + "zz"); }), Catch::Contains("2 trailing bytes"));
   std::string zero_dims = {0, 0, 8, 0};
@@ -267,7 +267,7 @@ TEST_CASE("ImageFolder: classes, class map, held-out split, split folders, bad f
   auto test = emt::open_dataset("mini", cfg, "", Split::test, 0);
   CHECK(train->size() == 11);
   CHECK(test->size() == 2);
-  CHECK(train->class_names() == std::vector<std::string>{"n001", "n002"});
+  CHECK((train->class_names() == std::vector<std::string>{"n001", "n002"}));
   CHECK(test->label(0) == 0);
   CHECK(test->label(1) == 1);
   CHECK(test->source(0) == dir + "/n001/img5.png");
@@ -277,8 +277,8 @@ TEST_CASE("ImageFolder: classes, class map, held-out split, split folders, bad f
   // class map "folder name" (miniImageNet wnids).
   emt::write_file_atomic(dir + "/../map.txt", "# wnid name\nn001 house finch\nn002\tgolden retriever\n");
   cfg.class_map = dir + "/../map.txt";
-  CHECK(emt::open_dataset_full("mini", cfg, "", Split::train)->class_names() ==
-        std::vector<std::string>{"house finch", "golden retriever"});
+  CHECK((emt::open_dataset_full("mini", cfg, "", Split::train)->class_names() ==
+        std::vector<std::string>{"house finch", "golden retriever"}));
   emt::write_file_atomic(dir + "/../map.txt", "n001 house finch\n");
   CHECK_THAT(data_error_of([&] { emt::open_dataset_full("mini", cfg, "", Split::train); }),
              Catch::Contains("map.txt") && Catch::Contains("n002"));
@@ -303,7 +303,7 @@ TEST_CASE("ImageFolder: classes, class map, held-out split, split folders, bad f
   emt::write_png(sp + "/train/a/0.png", pattern_image(2, 3, 3));
   emt::write_png(sp + "/val/c/0.png", pattern_image(3, 3, 3));
   auto st = emt::open_image_folder(sp, Split::test, "");
-  CHECK(st->class_names() == std::vector<std::string>{"a", "b", "c"});
+  CHECK((st->class_names() == std::vector<std::string>{"a", "b", "c"}));
   REQUIRE(st->size() == 1);
   CHECK(st->label(0) == 2);
   CHECK(emt::open_image_folder(sp, Split::train, "")->size() == 2);
@@ -317,14 +317,14 @@ TEST_CASE("CSV and JSONL manifests with name and integer labels", "[data]") {
                                               "\"label\": 0}\n");
   auto train = emt::open_dataset("pets", fmt_cfg("manifest", dir), "", Split::train, 0);
   REQUIRE(train->size() == 3);
-  CHECK(train->class_names() == std::vector<std::string>{"cat", "dog"});
+  CHECK((train->class_names() == std::vector<std::string>{"cat", "dog"}));
   CHECK(train->label(0) == 1);
   CHECK(train->label(1) == 0);
   CHECK(torch::equal(train->image(2), pattern_image(2, 4, 4)));
   auto test = emt::open_dataset("pets", fmt_cfg("manifest", dir), "", Split::test, 0);
   REQUIRE(test->size() == 2);
   CHECK(test->label(0) == 1);
-  CHECK(test->class_names() == std::vector<std::string>{"0", "1"});
+  CHECK((test->class_names() == std::vector<std::string>{"0", "1"}));
   CHECK(torch::equal(test->image(1), pattern_image(0, 4, 4)));
   // class_names fix the id of each name; the override then keeps those names.
   auto cfg = fmt_cfg("manifest", dir + "/train.csv");
@@ -434,9 +434,9 @@ TEST_CASE("CLIP preprocessing matches the independent golden reference within 1/
 }
 
 TEST_CASE("image helpers: resize sizes, decoding grey PNG to RGB, preprocessor config", "[data]") {
-  CHECK(emt::shortest_side_size(375, 500, 224) == std::make_pair<int64_t, int64_t>(224, 298));
-  CHECK(emt::shortest_side_size(500, 375, 336) == std::make_pair<int64_t, int64_t>(448, 336));
-  CHECK(emt::shortest_side_size(37, 50, 24) == std::make_pair<int64_t, int64_t>(24, 32));
+  CHECK((emt::shortest_side_size(375, 500, 224) == std::make_pair<int64_t, int64_t>(224, 298)));
+  CHECK((emt::shortest_side_size(500, 375, 336) == std::make_pair<int64_t, int64_t>(448, 336)));
+  CHECK((emt::shortest_side_size(37, 50, 24) == std::make_pair<int64_t, int64_t>(24, 32)));
   auto img = pattern_image(3, 7, 9);
   CHECK(torch::equal(emt::resize_bicubic_pil(img, 7, 9), img));
   // A flat image stays flat under any resampling (weights sum to one).
@@ -520,8 +520,8 @@ TEST_CASE("real Fashion-MNIST reads 60,000 / 10,000 with the official names", "[
   auto test = emt::open_dataset("fashion-mnist", cfg, root, Split::test, 0);
   CHECK(train->size() == 60000);
   CHECK(test->size() == 10000);
-  CHECK(train->class_names() == std::vector<std::string>{"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                                                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"});
+  CHECK((train->class_names() == std::vector<std::string>{"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"}));
   CHECK(train->class_counts() == std::vector<int64_t>(10, 6000));
   CHECK(test->class_counts() == std::vector<int64_t>(10, 1000));
   CHECK(train->image(0).sizes() == torch::IntArrayRef({28, 28, 1}));

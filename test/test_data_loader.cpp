@@ -152,7 +152,7 @@ TEST_CASE("EMT prompts and answers follow the paper, with overrides", "[data]") 
   emt::DatasetConfig none;
   none.format = "manifest";
   CHECK_THROWS_AS(emt::dataset_question("m", none, {}), emt::ConfigError);
-  CHECK(emt::builtin_dataset_names() == std::vector<std::string>{"mnist", "fashion-mnist", "shapes10", "objects60"});
+  CHECK((emt::builtin_dataset_names() == std::vector<std::string>{"mnist", "fashion-mnist", "shapes10", "objects60"}));
   CHECK(emt::builtin_dataset_configs().at("objects60").path == "synthetic/objects60");
 }
 
@@ -166,7 +166,7 @@ TEST_CASE("subsets are deterministic from the seed and class-balanced on request
   auto bal = emt::choose_subset(*ds, 8, true, 1);
   std::vector<int> per(3);
   for (auto i : bal) ++per[ds->label(i)];
-  CHECK(per == std::vector<int>{3, 3, 2});  // remainder to the lowest class ids
+  CHECK((per == std::vector<int>{3, 3, 2}));  // remainder to the lowest class ids
   CHECK(emt::choose_subset(*ds, 0, true, 1).size() == 30);
   CHECK(emt::choose_subset(*ds, 99, false, 1).size() == 30);
   // A short class leaves its share to the others.
@@ -174,7 +174,7 @@ TEST_CASE("subsets are deterministic from the seed and class-balanced on request
   auto sb = emt::choose_subset(*skewed, 4, true, 0);
   std::vector<int> per2(3);
   for (auto i : sb) ++per2[skewed->label(i)];
-  CHECK(per2 == std::vector<int>{1, 3, 0});
+  CHECK((per2 == std::vector<int>{1, 3, 0}));
   CHECK_THROWS_AS(emt::subset(ds, {30}), emt::ConfigError);
   CHECK_THROWS_AS(emt::choose_subset(*ds, -1, false, 0), emt::ConfigError);
 
@@ -206,8 +206,8 @@ TEST_CASE("loader masks labels on the prompt and pads right or left", "[data]") 
   auto batches = epoch_batches(dl, 0);
   REQUIRE(batches.size() == 2);
   const auto& b = batches[0];
-  CHECK(b.indices == std::vector<int64_t>{0, 1, 2, 3});
-  CHECK(b.class_ids == std::vector<int64_t>{0, 1, 2, 0});
+  CHECK((b.indices == std::vector<int64_t>{0, 1, 2, 3}));
+  CHECK((b.class_ids == std::vector<int64_t>{0, 1, 2, 0}));
   CHECK(b.images.sizes() == torch::IntArrayRef({4, 3, 4, 4}));
   // plain template: bos, <image>, "\nQ?\n", then "The object is a(n) {label}." + eos.
   std::vector<int64_t> prompt = {1, img};
@@ -363,7 +363,7 @@ TEST_CASE("loader skips bad images only when asked, counting them", "[data]") {
     auto batches = epoch_batches(lenient, 0);
     REQUIRE(batches.size() == 2);
     CHECK(batches[0].indices == std::vector<int64_t>{0});
-    CHECK(batches[1].indices == std::vector<int64_t>{2, 3});
+    CHECK((batches[1].indices == std::vector<int64_t>{2, 3}));
     CHECK(lenient.skipped_bad() == 1);
   }
 }
@@ -398,7 +398,7 @@ TEST_CASE("loader validates its options and handles instruction data", "[data]")
   o.shuffle = false;
   emt::DataLoader dl(emt::open_llava_dataset(dir + "/d.json", Split::train), tok, emt::PromptSpec{}, o);
   auto b = epoch_batches(dl, 0).at(0);
-  CHECK(b.class_ids == std::vector<int64_t>{-1, -1});
+  CHECK((b.class_ids == std::vector<int64_t>{-1, -1}));
   auto row0 = b.input_ids[0];
   std::vector<int64_t> want = {1, dl.image_token_id()};
   for (auto v : bytes("\nHi\nYo")) want.push_back(v);

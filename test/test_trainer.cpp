@@ -189,8 +189,13 @@ TEST_CASE("trainer: resume parity after an interrupted run is bitwise", "[traine
   auto sa = a.trainer->fit();
   auto wa = a.model->lin->weight.detach().clone();
   {
-    auto b1 = make_toy(toy_options(resumed_dir, 1));
-    b1.trainer->fit();
+    // the same run, crashing right after epoch 1's checkpoint (as a kill between epochs would)
+    struct Crash {};
+    auto b1 = make_toy(toy_options(resumed_dir, 3));
+    b1.trainer->on_epoch_end([](const emt::EpochEnd& e) {
+      if (e.epoch == 1) throw Crash{};
+    });
+    CHECK_THROWS_AS(b1.trainer->fit(), Crash);
   }
   auto o = toy_options(resumed_dir, 3);
   o.resume = true;
