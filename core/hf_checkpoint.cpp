@@ -46,17 +46,23 @@ T field(const json& j, const char* key, T def, const std::string& where) {
   }
 }
 
+// The encoder fields CLIP's vision and text configs share; the width defaults differ per tower.
+template <class C>
+void read_clip_encoder(C& c, const json& j, int hidden, int intermediate, int heads, const std::string& where) {
+  c.hidden_size = field(j, "hidden_size", hidden, where);
+  c.intermediate_size = field(j, "intermediate_size", intermediate, where);
+  c.num_layers = field(j, "num_hidden_layers", 12, where);
+  c.num_heads = field(j, "num_attention_heads", heads, where);
+  c.hidden_act = field<std::string>(j, "hidden_act", "quick_gelu", where);
+  c.layer_norm_eps = field(j, "layer_norm_eps", 1e-5, where);
+}
+
 VisionConfig vision_from_json(const json& j, const std::string& where) {
   VisionConfig v;  // HF CLIPVisionConfig defaults
-  v.hidden_size = field(j, "hidden_size", 768, where);
-  v.intermediate_size = field(j, "intermediate_size", 3072, where);
-  v.num_layers = field(j, "num_hidden_layers", 12, where);
-  v.num_heads = field(j, "num_attention_heads", 12, where);
+  read_clip_encoder(v, j, 768, 3072, 12, where);
   v.num_channels = field(j, "num_channels", 3, where);
   v.image_size = field(j, "image_size", 224, where);
   v.patch_size = field(j, "patch_size", 32, where);
-  v.hidden_act = field<std::string>(j, "hidden_act", "quick_gelu", where);
-  v.layer_norm_eps = field(j, "layer_norm_eps", 1e-5, where);
   return v;
 }
 
@@ -115,14 +121,9 @@ LlmConfig llm_config_of(const LlamaOptions& o) {
 
 ClipTextConfig clip_text_from_json(const json& j, const std::string& where) {
   ClipTextConfig t;  // HF CLIPTextConfig defaults
+  read_clip_encoder(t, j, 512, 2048, 8, where);
   t.vocab_size = field(j, "vocab_size", 49408, where);
-  t.hidden_size = field(j, "hidden_size", 512, where);
-  t.intermediate_size = field(j, "intermediate_size", 2048, where);
-  t.num_layers = field(j, "num_hidden_layers", 12, where);
-  t.num_heads = field(j, "num_attention_heads", 8, where);
   t.max_position_embeddings = field(j, "max_position_embeddings", 77, where);
-  t.hidden_act = field<std::string>(j, "hidden_act", "quick_gelu", where);
-  t.layer_norm_eps = field(j, "layer_norm_eps", 1e-5, where);
   return t;
 }
 

@@ -3,9 +3,12 @@
 // errors, config.json shapes, and the `emt model summary` command.
 #include <catch2/catch.hpp>
 #include <emt/core/error.h>
+#include <emt/core/generate.h>
 #include <emt/core/hf_checkpoint.h>
+#include <emt/core/image.h>
 #include <emt/core/llava.h>
 #include <emt/core/safetensors.h>
+#include <emt/core/tokenizer.h>
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -251,4 +254,52 @@ TEST_CASE("emt model summary prints the counts of a config", "[models]") {
   CHECK(r.output.find("13,351,494,656") != std::string::npos);
   r = emt_test::run_cli(std::string("model summary ") + EMT_SOURCE_DIR + "/configs/models/tiny.yaml --method nope");
   CHECK(r.code == 2);
+}
+
+TEST_CASE("emt generate answers from a model directory and dumps the next-token logits", "[models]") {
+  auto dir = emt_test::scratch_dir("models_generate_dir");
+  {
+    std::ofstream corpus(dir + "/corpus.txt");
+    for (int i = 0; i < 40; ++i)
+      corpus << "what is the object in the image? the object is a cat " << i << ". a dog, a bird, a ship.\n";
+  }
+  emt::SentencePieceTrainOptions so;
+  so.vocab_size = 80;
+  so.user_defined_symbols = {"<image>"};
+  emt::train_sentencepiece(dir + "/corpus.txt", dir + "/tokenizer", so);
+  auto tok = emt::load_hf_tokenizer(dir);
+  int64_t image_id = tok->special_token_id("<image>");
+  REQUIRE(image_id >= 0);
+  auto m = tiny_model_section();
+  m.llm.vocab_size = static_cast<int>(tok->vocab_size());
+  m.conversation = "plain";
+  torch::manual_seed(31);
+  auto model = emt::build_llava(m, image_id);
+  model->eval();
+  emt::save_llava(model, dir);
+  auto png = dir + "/image.png";
+  emt::write_png(png, torch::randint(0, 256, {8, 8, 3}, torch::kLong).to(torch::kUInt8));
+
+  auto dump = dir + "/logits.safetensors";
+  auto r = emt_test::run_cli("generate --model " + dir + " --image " + png + " --prompt 'what is it?' --max-new-tokens 3 --dump-logits " + dump);
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  emt::SafetensorsReader f(dump);
+  auto ids = f.load("input_ids");
+  auto logits = f.load("logits");
+  CHECK(ids[0][0].item<int64_t>() == tok->bos_id());
+  CHECK(ids.eq(image_id).sum().item<int64_t>() == 1);
+  CHECK(logits.sizes() == std::vector<int64_t>{1, tok->vocab_size()});
+  auto pixels = emt::preprocess_image(emt::decode_image_file(png), emt::image_options_for_size(8)).unsqueeze(0);
+  auto expect = emt::next_token_logits(model, pixels, ids, torch::ones_like(ids));
+  CHECK(max_diff(logits, expect) <= 1e-5);
+  // the printed answer is the greedy continuation
+  emt::GenerateOptions g;
+  g.max_new_tokens = 3;
+  g.eos_id = tok->eos_id();
+  auto answer = tok->decode(emt::generate(model, pixels, ids, torch::ones_like(ids), g)[0]);
+  CHECK(r.output.find(answer) != std::string::npos);
+
+  CHECK(emt_test::run_cli("generate --model " + dir + " --adapter x --image " + png + " --prompt hi").code == 2);
+  CHECK(emt_test::run_cli("generate --model " + dir + "/nothing --image " + png + " --prompt hi").code == 2);
 }

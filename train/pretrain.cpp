@@ -16,7 +16,9 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <random>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -143,6 +145,45 @@ std::pair<torch::Tensor, torch::Tensor> caption_tensors(const Tokenizer& tok, co
     for (size_t j = 0; j < seqs[i].size(); ++j) ids[i][j] = seqs[i][j], mask[i][j] = 1;
   return {ids, mask};
 }
+
+// Batches drawn from several loaders, one loader per batch, in a seeded order per epoch: prompts of one kind
+// (a dataset's paraphrases, or its long EMT prompt listing every label) share a batch, so short prompts are
+// never padded to the longest one.
+class GroupedSource : public BatchSource {
+ public:
+  GroupedSource(std::vector<std::unique_ptr<DataLoader>> loaders, uint64_t seed)
+      : loaders_(std::move(loaders)), seed_(seed) {}
+  int64_t num_batches() const override {
+    int64_t n = 0;
+    for (const auto& l : loaders_) n += l->num_batches();
+    return n;
+  }
+  void start_epoch(int64_t epoch, int64_t skip) override {
+    order_.clear();
+    for (size_t k = 0; k < loaders_.size(); ++k) {
+      loaders_[k]->start_epoch(epoch, 0);
+      for (int64_t b = 0; b < loaders_[k]->num_batches(); ++b) order_.push_back(k);
+    }
+    std::mt19937_64 rng(seed_ * 1000003ull + static_cast<uint64_t>(epoch));
+    std::shuffle(order_.begin(), order_.end(), rng);
+    pos_ = 0;
+    Batch dummy;
+    for (int64_t i = 0; i < skip && next(dummy); ++i) {
+    }
+  }
+  bool next(Batch& out) override {
+    while (pos_ < order_.size()) {
+      if (loaders_[order_[pos_++]]->next(out)) return true;
+    }
+    return false;
+  }
+
+ private:
+  std::vector<std::unique_ptr<DataLoader>> loaders_;
+  uint64_t seed_;
+  std::vector<size_t> order_;
+  size_t pos_ = 0;
+};
 
 struct Stage {
   std::string name;
@@ -312,6 +353,29 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
   lo.image = image_opts;
   lo.drop_last = true;
   PromptSpec ps;  // questions come from the mixture itself
+  // Language stages: per dataset, a quarter of the images with the EMT prompt and the rest with paraphrases,
+  // each kind in batches of its own.
+  auto grouped_loaders = [&] {
+    std::vector<std::unique_ptr<DataLoader>> out;
+    for (const auto& src : srcs) {
+      const int64_t n = src.train->size(), cut = n / 4;
+      std::vector<int64_t> emt_idx, para_idx;
+      for (int64_t i = 0; i < n; ++i) (i % 4 == 0 && static_cast<int64_t>(emt_idx.size()) < cut ? emt_idx : para_idx).push_back(i);
+      auto emt_part = subset(src.train, emt_idx);
+      auto para_part = subset(src.train, para_idx);
+      for (auto* part : {&emt_part, &para_part}) {
+        (*part)->set_name(src.name);
+        (*part)->set_class_names(src.train->class_names());
+      }
+      std::vector<std::string> para_q = question_paraphrases(src.digits);
+      for (auto& [part, qs] : {std::pair{emt_part, std::vector<std::string>{src.emt_question}},
+                               std::pair{para_part, para_q}}) {
+        auto mix = std::make_shared<MixtureDataset>(std::vector<MixtureDataset::Part>{{part, qs, src.cfg.answer}}, true);
+        out.push_back(std::make_unique<DataLoader>(mix, tok, ps, lo));
+      }
+    }
+    return out;
+  };
 
   // (a) contrastive CLIP
   if (cfg.pretrain.clip_steps > 0) {
@@ -337,10 +401,9 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
     ft.learning_rate = cfg.pretrain.learning_rate;
     ft.projector_lr = 0.0;
     auto setup = apply_training_policy(*llava, policy_for_method(method), ft);
-    DataLoader loader(mixture, tok, ps, lo);
-    auto src = loader_source(loader);
+    GroupedSource src(grouped_loaders(), seed);
     TrainableIO io{[] { return NamedTensors{}; }, [](const NamedTensors&) {}, {}};
-    Trainer t(lm, *src, setup.groups, io, stage_options(cfg, stage, steps, dev));
+    Trainer t(lm, src, setup.groups, io, stage_options(cfg, stage, steps, dev));
     t.fit();
   }
   for (auto& p : llava->parameters()) p.set_requires_grad(false);

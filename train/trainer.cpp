@@ -320,6 +320,8 @@ TrainSummary Trainer::fit() {
                                  ? (opts_.max_steps + steps_per_epoch - 1) / steps_per_epoch
                                  : opts_.epochs;
 
+  log_debug("[trainer] {}: {} batches per epoch, {} optimizer steps in total over up to {} epochs, warmup {}",
+            opts_.label, per_epoch, total, max_epochs, warmup);
   std::unique_ptr<JsonlWriter> metrics;
   if (!opts_.run_dir.empty()) {
     fs::create_directories(opts_.run_dir);

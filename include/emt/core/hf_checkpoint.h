@@ -39,6 +39,7 @@ LlamaForCausalLM load_llama(const std::string& hf_dir, torch::ScalarType dtype =
 void save_llama(LlamaForCausalLM& model, const std::string& dir);
 
 // Builds modules with parameters created directly in `dtype` (so a 7B model in bf16 never exists in f32).
+// The default dtype is process-wide: other threads creating tensors without a dtype meanwhile would get `dtype`.
 class DefaultDtypeGuard {
  public:
   explicit DefaultDtypeGuard(torch::ScalarType dtype);
