@@ -265,8 +265,9 @@ TEST_CASE("emt generate answers from a model directory and dumps the next-token 
   }
   emt::SentencePieceTrainOptions so;
   so.vocab_size = 80;
-  so.user_defined_symbols = {"<image>"};
   emt::train_sentencepiece(dir + "/corpus.txt", dir + "/tokenizer", so);
+  // as in llava-hf folders: <image> is an added token right after the SentencePiece vocabulary
+  std::ofstream(dir + "/added_tokens.json") << "{\"<image>\": " << emt::load_sentencepiece(dir + "/tokenizer.model")->vocab_size() << "}";
   auto tok = emt::load_hf_tokenizer(dir);
   int64_t image_id = tok->special_token_id("<image>");
   REQUIRE(image_id >= 0);
