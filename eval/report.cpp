@@ -232,8 +232,11 @@ std::string plot_radar_png(const AccuracyTensor& R, int64_t m) {
   cv::Mat img(kRadarSize, kRadarSize, CV_8UC3, kWhite);
   title(img, fmt::format("{}: accuracy at the last epoch ({} scorer)", R.methods.at(m), R.scorer));
   const int D = static_cast<int>(R.eval_datasets.size());
-  const cv::Point c(kRadarSize / 2, kRadarSize / 2 + 20);
-  const double radius = 155;
+  const double radius = D == 3 ? 185 : 155;  // a triangle leaves room below, so it may be drawn larger
+  // Centre the polygon's vertical extent (a triangle reaches 1 radius up but only 0.5 down) in the free area.
+  double lo = -1.0, hi = D >= 2 ? -1.0 : 0.0;
+  for (int d = 0; d < D; ++d) hi = std::max(hi, std::sin(-CV_PI / 2 + 2 * CV_PI * d / D));
+  const cv::Point c(kRadarSize / 2, static_cast<int>(std::lround(325 - radius * (lo + hi) / 2)));
   auto spoke = [&](int d, double frac) {
     double ang = -CV_PI / 2 + 2 * CV_PI * d / std::max(D, 1);
     return cv::Point(c.x + static_cast<int>(std::lround(radius * frac * std::cos(ang))),
@@ -247,9 +250,10 @@ std::string plot_radar_png(const AccuracyTensor& R, int64_t m) {
   }
   // Ring values along the bisector of the first two spokes, where no series vertex sits.
   const double lab_ang = -CV_PI / 2 + CV_PI / std::max(D, 2);
+  const double side = D >= 3 ? std::cos(CV_PI / D) : 1.0;  // bisector distance to a ring's side, per radius
   for (int t = 20; t <= 100; t += 20)
-    text(img, std::to_string(t), c.x + static_cast<int>(radius * t / 100 * std::cos(lab_ang)) + 3,
-         c.y + static_cast<int>(radius * t / 100 * std::sin(lab_ang)), 0.38, kAxis);
+    text(img, std::to_string(t), c.x + static_cast<int>(radius * side * t / 100 * std::cos(lab_ang)) + 3,
+         c.y + static_cast<int>(radius * side * t / 100 * std::sin(lab_ang)), 0.38, kAxis);
   for (int d = 0; d < D; ++d) {
     cv::line(img, c, spoke(d, 1.0), kGrid, 1, cv::LINE_AA);
     cv::Point p = spoke(d, 1.1);
