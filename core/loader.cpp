@@ -8,7 +8,6 @@
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <atomic>
 #include <condition_variable>
 #include <exception>
 #include <map>
@@ -21,6 +20,7 @@ namespace {
 
 struct Slot {
   Batch batch;
+  std::vector<std::string> bad;  // why each skipped image was skipped (skip_bad)
   std::exception_ptr error;
 };
 
@@ -40,13 +40,14 @@ struct DataLoader::Impl {
   int64_t batches = 0;
   int64_t epoch = 0;
   std::vector<int64_t> order;  // this rank's samples for the current epoch
-  std::atomic<int64_t> skipped{0};
+  int64_t skipped = 0;  // counted when a batch is consumed, so prefetched-then-discarded work never counts
 
   std::mutex m;
   std::condition_variable cv_ready, cv_space;
   std::map<int64_t, Slot> ready;
   int64_t next_build = 0, next_consume = 0;
   bool stop = false;
+  bool started = false;  // workers launch on the first next() of an epoch
   std::vector<std::thread> threads;
 
   std::vector<int64_t> encode_prompt(const std::string& question) {
@@ -98,7 +99,7 @@ struct DataLoader::Impl {
     return static_cast<int64_t>(h % spec.questions.size());
   }
 
-  Batch build(int64_t k) {
+  Batch build(int64_t k, std::vector<std::string>& bad) {
     const int64_t b0 = k * opts.batch_size;
     const int64_t b1 = std::min<int64_t>(b0 + opts.batch_size, static_cast<int64_t>(order.size()));
     Batch out;
@@ -111,9 +112,9 @@ struct DataLoader::Impl {
         img = preprocess_image(ds->image(i), opts.image);
       } catch (const Error& e) {
         if (!opts.skip_bad) throw;
-        const int64_t total = ++skipped;
-        log_warn("[loader] {}: skipping bad image {} ({} skipped so far): {}", ds->name(), ds->source(i), total,
-                 e.what());
+        // Readers' errors already name the file; other sources (in-memory sets) get it added.
+        const std::string src = ds->source(i), what = e.what();
+        bad.push_back(what.find(src) != std::string::npos ? what : src + ": " + what);
         continue;
       }
       std::vector<int64_t> ids, lab;
@@ -188,7 +189,7 @@ struct DataLoader::Impl {
       }
       Slot s;
       try {
-        s.batch = build(k);
+        s.batch = build(k, s.bad);
       } catch (...) {
         s.error = std::current_exception();
       }
@@ -240,7 +241,7 @@ DataLoader::~DataLoader() { impl_->stop_workers(); }
 
 int64_t DataLoader::num_batches() const { return impl_->batches; }
 int64_t DataLoader::num_samples() const { return impl_->shard_size; }
-int64_t DataLoader::skipped_bad() const { return impl_->skipped.load(); }
+int64_t DataLoader::skipped_bad() const { return impl_->skipped; }
 int64_t DataLoader::image_token_id() const { return impl_->image_id; }
 const ImageDataset& DataLoader::dataset() const { return *impl_->ds; }
 
@@ -252,7 +253,7 @@ void DataLoader::start_epoch(int64_t epoch, int64_t skip_batches) {
   d.epoch = epoch;
   d.compute_order();
   d.next_build = d.next_consume = skip_batches;
-  for (int i = 0; i < d.opts.workers; ++i) d.threads.emplace_back([&d] { d.worker(); });
+  d.started = false;
 }
 
 bool DataLoader::next(Batch& out) {
@@ -260,10 +261,14 @@ bool DataLoader::next(Batch& out) {
   for (;;) {
     if (d.next_consume >= d.batches) return false;
     const int64_t k = d.next_consume;
+    if (!d.started) {
+      d.started = true;
+      for (int i = 0; i < d.opts.workers; ++i) d.threads.emplace_back([&d] { d.worker(); });
+    }
     Slot s;
     if (d.threads.empty()) {
       ++d.next_build;
-      s.batch = d.build(k);
+      s.batch = d.build(k, s.bad);
     } else {
       std::unique_lock<std::mutex> l(d.m);
       d.cv_ready.wait(l, [&] { return d.ready.count(k) > 0; });
@@ -276,6 +281,8 @@ bool DataLoader::next(Batch& out) {
     }
     d.cv_space.notify_all();
     if (s.error) std::rethrow_exception(s.error);
+    for (auto& why : s.bad)
+      log_warn("[loader] {}: skipped bad image ({} so far): {}", d.ds->name(), ++d.skipped, why);
     if (s.batch.size() == 0) continue;  // every image of this batch was skipped as bad
     out = std::move(s.batch);
     return true;

@@ -48,7 +48,7 @@ struct LoaderOptions {
   std::string conversation = "plain";  // template name (see conversation.h)
   std::string system;                  // empty = the template's default
   ImageProcessorOptions image;
-  bool skip_bad = false;  // undecodable images are dropped from their batch, counted and logged
+  bool skip_bad = false;  // undecodable images are dropped from their batch, counted and logged as warnings
 };
 
 class DataLoader {
@@ -64,7 +64,7 @@ class DataLoader {
   // Starts (or restarts) an epoch; skip_batches resumes a partly consumed epoch at that batch.
   void start_epoch(int64_t epoch, int64_t skip_batches = 0);
   bool next(Batch& out);  // false at the end of the epoch; rethrows a worker's error at its batch
-  int64_t skipped_bad() const;  // images skipped since construction
+  int64_t skipped_bad() const;  // images skipped (skip_bad) in the batches next() has returned so far
   int64_t image_token_id() const;
   const ImageDataset& dataset() const;
 
