@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-20}"
 CC=clang-14 CXX=clang++-14 EMT_BUILD_DIR=build-fuzz EMT_BUILD_TYPE=RelWithDebInfo \
-  EMT_CMAKE_ARGS="-DEMT_BUILD_FUZZ=ON -DEMT_BUILD_TESTS=OFF -DEMT_BUILD_BENCH=OFF -DEMT_PCH=OFF" bash scripts/build.sh
+  EMT_CMAKE_ARGS="-DEMT_BUILD_FUZZ=ON -DEMT_BUILD_TESTS=OFF -DEMT_BUILD_BENCH=OFF" bash scripts/build.sh
 for f in build-fuzz/fuzz_*; do
   [ -x "$f" ] || continue
   name=$(basename "$f")

@@ -1,6 +1,8 @@
 // End to end through the `emt` executable on a tiny world written by the test (IDX data, tiny shapes):
 // pretrain -> train; kill -9 mid-epoch + --resume reproduces the straight run's losses bit for bit; SIGTERM
 // checkpoints and exits 75; a study killed between cells resumes without recomputing or losing a cell.
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <filesystem>
@@ -54,7 +56,8 @@ struct World {
 const World& tiny_world() {
   static World w = [] {
     World w;
-    w.dir = emt_test::scratch_dir("e2e_world");
+    // ctest runs each test case in its own process, possibly in parallel: one world per process
+    w.dir = emt_test::scratch_dir("e2e_world_" + std::to_string(::getpid()));
     fs::create_directories(fs::path(w.dir) / "data/quad");
     write_idx_split(fs::path(w.dir) / "data/quad", "train", 96);
     write_idx_split(fs::path(w.dir) / "data/quad", "t10k", 24);
