@@ -110,6 +110,7 @@ TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptio
   DataLoader loader(train, base.tokenizer, prompts, lo);
 
   TrainableSetup setup = apply_method(*base.model, ft, base.tokenizer.get());
+  base.model->language_model->model->grad_checkpointing = ft.grad_checkpointing;
   log_info("[finetune] {} on {}: {} ({} of {} parameters trainable, {} LoRA modules)", ft.method, ft.dataset,
            describe_policy(setup.policy), setup.trainable, setup.total, setup.lora_modules.size());
 
