@@ -59,14 +59,7 @@ ResultRow make_row(const std::string& kind, const std::string& ft, const std::st
   r.epoch = epoch;
   r.eval_dataset = dataset;
   r.scorer = scorer;
-  r.accuracy = c.accuracy;
-  r.n = c.n;
-  r.n_correct = c.correct;
-  r.n_incorrect = c.incorrect;
-  r.n_intrinsic = c.intrinsic;
-  r.n_extrinsic = c.extrinsic;
-  r.ci_low = c.ci_low;
-  r.ci_high = c.ci_high;
+  set_counts(r, c);
   r.run = run;
   return r;
 }
