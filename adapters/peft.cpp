@@ -732,4 +732,36 @@ std::string describe_adapter(const std::string& dir) {
   return os.str();
 }
 
+// ---- checkpoint directories ------------------------------------------------------------------------------------
+
+std::string apply_checkpoint_dir(LlavaModel& model, const std::string& dir) {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(dir)) throw ConfigError("[adapters] checkpoint " + dir + ": not a directory");
+  std::vector<std::string> applied;
+  if (fs::exists(fs::path(dir) / "adapter_config.json")) {
+    auto ac = read_adapter_config(dir);
+    if (ac.peft_type == "PROMPT_TUNING") {
+      const auto& embed = model->language_model->model->embed_tokens->weight;
+      auto prefix = load_prompt_adapter(dir, model->options.llm.hidden_size);
+      model->set_prompt_prefix(prefix.to(embed.device(), embed.scalar_type()));
+      applied.push_back("prompt tuning (" + std::to_string(prefix.size(0)) + " virtual tokens)");
+    } else {
+      auto loaded = load_lora_adapter(*model, dir);
+      applied.push_back("LoRA r=" + std::to_string(loaded.config.r) + " on " +
+                        std::to_string(loaded.lora_modules.size()) + " layers");
+    }
+  }
+  const auto proj = fs::path(dir) / "mm_projector.safetensors";
+  if (fs::exists(proj)) {
+    load_projector_file(*model->multi_modal_projector, proj.string());
+    applied.push_back("projector");
+  }
+  if (applied.empty())
+    throw ConfigError("[adapters] checkpoint " + dir + ": neither adapter_config.json nor mm_projector.safetensors "
+                      "found there");
+  std::string out;
+  for (const auto& a : applied) out += (out.empty() ? "" : " + ") + a;
+  return out;
+}
+
 }  // namespace emt

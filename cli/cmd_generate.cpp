@@ -1,5 +1,7 @@
 // `emt generate --model DIR|CONFIG --image PATH --prompt TEXT`: answers one question about one image with a
-// model directory (HF layout: config.json, safetensors, tokenizer, preprocessor_config.json).
+// model directory (HF layout: config.json, safetensors, tokenizer, preprocessor_config.json), optionally with a
+// trained checkpoint on top (`--adapter DIR`: an epoch directory or a PEFT folder).
+#include <emt/adapters/peft.h>
 #include <emt/core/config.h>
 #include <emt/core/conversation.h>
 #include <emt/core/error.h>
@@ -31,9 +33,6 @@ struct GenerateArgs {
 bool is_model_dir(const std::string& p) { return fs::is_directory(p) && fs::exists(fs::path(p) / "config.json"); }
 
 void run_generate(const GenerateArgs& a) {
-  if (!a.adapter.empty())
-    throw emt::ConfigError("[generate] --adapter is not supported yet: merge the adapter into a model directory "
-                           "first and pass that directory to --model");
   std::string dir = a.model, conversation, system = a.system;
   if (!is_model_dir(dir)) {
     if (!fs::is_regular_file(a.model))
@@ -49,6 +48,10 @@ void run_generate(const GenerateArgs& a) {
   }
   auto device = emt::resolve_device(a.device);
   auto model = emt::load_llava(dir, emt::parse_dtype(a.dtype), device);
+  if (!a.adapter.empty()) {
+    auto what = emt::apply_checkpoint_dir(model, a.adapter);
+    std::cerr << "[generate] " << a.adapter << ": " << what << "\n";
+  }
   model->eval();
   if (conversation.empty()) conversation = model->options.conversation;
   auto tokenizer = emt::load_hf_tokenizer(dir);
@@ -93,7 +96,7 @@ emt::cli::RegisterCommand reg([](CLI::App& root) {
   auto* cmd = root.add_subcommand("generate", "Answer a question about an image with a model directory or config");
   cmd->add_option("--model", args->model, "HF-layout model directory, or a YAML config (model.pretrained)")
       ->required();
-  cmd->add_option("--adapter", args->adapter, "adapter directory (not supported yet: merge it first)");
+  cmd->add_option("--adapter", args->adapter, "checkpoint or PEFT directory put on top of the model (LoRA, prompt tuning, mm_projector.safetensors)");
   cmd->add_option("--image", args->image, "image file")->required()->check(CLI::ExistingFile);
   cmd->add_option("--prompt", args->prompt, "question; <image> is placed before it unless it holds one")->required();
   cmd->add_option("--system", args->system, "system text (default: the template's)");

@@ -27,29 +27,6 @@ struct ScoreArgs {
   bool no_clip = false;
 };
 
-// A checkpoint directory of `emt train` / the study: PEFT LoRA or prompt adapter and/or mm_projector.safetensors.
-void apply_checkpoint(emt::EvalModel& m, const std::string& dir) {
-  bool any = false;
-  if (fs::exists(fs::path(dir) / "adapter_config.json")) {
-    auto ac = emt::read_adapter_config(dir);
-    if (ac.peft_type == "PROMPT_TUNING") {
-      auto prefix = emt::load_prompt_adapter(dir, m.model->options.llm.hidden_size);
-      m.model->set_prompt_prefix(prefix.to(m.device, m.model->language_model->model->embed_tokens->weight.scalar_type()));
-    } else {
-      emt::load_lora_adapter(*m.model, dir);
-    }
-    any = true;
-  }
-  const auto proj = fs::path(dir) / "mm_projector.safetensors";
-  if (fs::exists(proj)) {
-    emt::load_projector_file(*m.model->multi_modal_projector, proj.string());
-    any = true;
-  }
-  if (!any)
-    throw emt::ConfigError("[score] --adapter " + dir + ": neither adapter_config.json nor mm_projector.safetensors "
-                           "found there");
-}
-
 // eval.clip_model, else <base model dir>/clip when it has a config.json, else "".
 std::string clip_model_dir(const emt::RunConfig& cfg) {
   if (!cfg.eval.clip_model.empty()) return cfg.eval.clip_model;
@@ -79,7 +56,7 @@ void run_score(const ScoreArgs& a) {
   emt::Evaluator ev(cfg);  // opens the data first: a bad dataset fails before the model is loaded
   auto base = emt::load_base_model(cfg);
   auto m = emt::eval_model(base);
-  if (!a.adapter.empty()) apply_checkpoint(m, a.adapter);
+  if (!a.adapter.empty()) emt::log_info("[score] {}: {}", a.adapter, emt::apply_checkpoint_dir(m.model, a.adapter));
 
   const auto scorers = cfg.eval.scorers;
   const bool want_clip_scorer = cfg.eval.primary_scorer == "clip" ||

@@ -54,8 +54,15 @@ void bind(void* lib, const std::string& path, const char* name, F& fn) {
 }
 
 SpmApi open_plugin(const std::string& path) {
+#if defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer refuses RTLD_DEEPBIND. A fresh link namespace isolates the plug-in (built without
+  // sanitizers, see CMakeLists.txt) and its protobuf even more completely; it owns its own libc heap, which
+  // the C ABI allows: every buffer it returns is released through emt_spm_free_buffer.
+  void* lib = dlmopen(LM_ID_NEWLM, path.c_str(), RTLD_NOW | RTLD_LOCAL);
+#else
   // DEEPBIND: the plug-in's own protobuf must win over LibTorch's already-loaded copy.
   void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+#endif
   if (!lib) throw IoError(dlerror());
   SpmApi a{};
   bind(lib, path, "emt_spm_abi_version", a.abi_version);

@@ -2,6 +2,8 @@
 // scripts/fixtures/make_model_goldens.py), HF-layout save/load in both key styles and sharded, strict-load
 // errors, config.json shapes, and the `emt model summary` command.
 #include <catch2/catch.hpp>
+#include <emt/adapters/lora.h>
+#include <emt/adapters/peft.h>
 #include <emt/core/error.h>
 #include <emt/core/generate.h>
 #include <emt/core/hf_checkpoint.h>
@@ -301,6 +303,34 @@ TEST_CASE("emt generate answers from a model directory and dumps the next-token 
   auto answer = tok->decode(emt::generate(model, pixels, ids, torch::ones_like(ids), g)[0]);
   CHECK(r.output.find(answer) != std::string::npos);
 
+  // --adapter: a LoRA checkpoint (with a trained projector) on top of the directory's weights
+  auto adapter = dir + "/adapter";
+  emt::LoraConfig lc;
+  lc.r = 4;
+  lc.alpha = 8;
+  lc.dropout = 0;
+  lc.target_modules = {"q_proj", "v_proj"};
+  emt::inject_lora(*model, lc);
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : model->named_parameters())
+      if (emt::is_lora_parameter(p.key())) p.value().normal_(0, 0.5);
+    for (auto& p : model->multi_modal_projector->parameters()) p.add_(0.1);
+  }
+  emt::LoraSaveOptions so2;
+  so2.modules_to_save = {"multi_modal_projector"};
+  emt::save_lora_adapter(*model, lc, adapter, so2);
+  auto expect_adapted = emt::next_token_logits(model, pixels, ids, torch::ones_like(ids));
+  REQUIRE(max_diff(expect_adapted, expect) > 1e-3);  // the adapter changes the answer's distribution
+  r = emt_test::run_cli("generate --model " + dir + " --adapter " + adapter + " --image " + png +
+                        " --prompt 'what is it?' --max-new-tokens 3 --dump-logits " + dump);
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("LoRA r=4 on 4 layers + projector") != std::string::npos);
+  CHECK(max_diff(emt::SafetensorsReader(dump).load("logits"), expect_adapted) <= 1e-5);
+  r = emt_test::run_cli("generate --model " + dir + " --adapter " + dir + " --image " + png + " --prompt hi");
+  CHECK(r.code == 2);
+  CHECK(r.output.find("neither adapter_config.json nor mm_projector.safetensors") != std::string::npos);
   CHECK(emt_test::run_cli("generate --model " + dir + " --adapter x --image " + png + " --prompt hi").code == 2);
   CHECK(emt_test::run_cli("generate --model " + dir + "/nothing --image " + png + " --prompt hi").code == 2);
 }

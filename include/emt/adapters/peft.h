@@ -3,6 +3,7 @@
 // and the mapping between the two llava-hf key styles. Byte-level format: docs/adapters.md.
 #pragma once
 #include <emt/core/config.h>
+#include <emt/core/llava.h>
 #include <emt/core/safetensors.h>
 #include <torch/nn/module.h>
 #include <torch/types.h>
@@ -129,6 +130,13 @@ void save_projector_file(torch::nn::Module& projector, const std::string& path,
 // Accepts HF (old or new style) and original LLaVA names (with or without `model.`); returns the naming found.
 // ONE FormatError lists every missing, unexpected or mis-shaped tensor.
 ProjectorNaming load_projector_file(torch::nn::Module& projector, const std::string& path);
+
+// ---- checkpoint directories ------------------------------------------------------------------------------------
+// Puts a trained checkpoint on top of `model`: an epoch directory of `emt train` / the study, or any PEFT folder.
+// Applies the LoRA or prompt-tuning adapter (adapter_config.json) and/or mm_projector.safetensors found in DIR,
+// converting to the model's device and dtype. Returns a one-line description of what was applied; ConfigError
+// naming DIR when it holds neither.
+std::string apply_checkpoint_dir(LlavaModel& model, const std::string& dir);
 
 // ---- inspection ------------------------------------------------------------------------------------------------
 // Human-readable summary of an adapter directory: the config JSON, then one line per tensor
