@@ -60,8 +60,12 @@ emt::cli::RegisterCommand reg_pretrain([](CLI::App& root) {
     po.force = *force;
     auto r = emt::pretrain_tiny(cfg, po);
     std::cout << fmt::format("tiny base model: {} ({}, {:.0f}s)\n", r.dir, r.reused ? "reused" : "built", r.seconds);
-    for (const auto& [name, acc] : r.exact_match)
-      std::cout << fmt::format("  {:<16} greedy exact match {:5.1f}%\n", name, 100.0 * acc);
+    for (const auto& [name, acc] : r.exact_match) {
+      auto zs = r.clip_zero_shot.find(name);
+      std::cout << fmt::format("  {:<16} greedy exact match {:5.1f}%", name, 100.0 * acc);
+      if (zs != r.clip_zero_shot.end()) std::cout << fmt::format("   CLIP zero-shot {:5.1f}%", 100.0 * zs->second);
+      std::cout << "\n";
+    }
   });
 });
 

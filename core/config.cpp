@@ -504,6 +504,7 @@ void check(const RunConfig& c, Problems& p) {
   ck.non_negative("pretrain.align_steps", pt.align_steps);
   ck.non_negative("pretrain.instruct_steps", pt.instruct_steps);
   ck.positive("pretrain.batch_size", pt.batch_size);
+  ck.positive("pretrain.clip_batch_size", pt.clip_batch_size);
   ck.positive("pretrain.learning_rate", pt.learning_rate);
   ck.positive("pretrain.tokenizer_vocab", pt.tokenizer_vocab);
   ck.non_negative("pretrain.train_max_samples", pt.train_max_samples);

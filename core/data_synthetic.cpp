@@ -13,8 +13,9 @@ namespace emt {
 
 namespace {
 
-const std::vector<std::string> kShapes = {"circle",  "square", "triangle", "star", "cross",
-                                          "pentagon", "hexagon", "ring",   "crescent", "heart"};
+// Chosen to stay distinct at 28 pixels under any rotation (pentagons and hexagons blur into circles there).
+const std::vector<std::string> kShapes = {"circle", "square", "triangle", "star",     "cross",
+                                          "arrow",  "bar",    "ring",     "crescent", "heart"};
 // Hue (OpenCV 0..180 scale) of each colour name in objects60.
 const std::vector<std::pair<std::string, int>> kColours = {{"red", 0},   {"orange", 14}, {"yellow", 28},
                                                            {"green", 60}, {"blue", 112},  {"purple", 142}};
@@ -80,8 +81,13 @@ cv::Mat shape_mask(int shape, double cx, double cy, double r, double rot) {
       fill(m, cross, cx, cy, r, rot, 255);
       break;
     }
-    case 5: fill(m, regular(5), cx, cy, r, rot, 255); break;
-    case 6: fill(m, regular(6), cx, cy, r, rot, 255); break;
+    case 5: {
+      std::vector<cv::Point2d> arrow = {{-1, -0.22}, {0.15, -0.22}, {0.15, -0.62}, {1, 0},
+                                        {0.15, 0.62}, {0.15, 0.22}, {-1, 0.22}};
+      fill(m, arrow, cx, cy, r, rot, 255);
+      break;
+    }
+    case 6: fill(m, {{-1, -0.32}, {1, -0.32}, {1, 0.32}, {-1, 0.32}}, cx, cy, r, rot, 255); break;
     case 7:
       fill(m, regular(72), cx, cy, r, rot, 255);
       fill(m, regular(72), cx, cy, r * 0.55, rot, 0);
@@ -154,17 +160,19 @@ std::pair<torch::Tensor, int64_t> synthetic_sample(const std::string& generator,
       for (int c = 0; c < 3; ++c) img.at<cv::Vec3b>(y, x)[c] = cv::saturate_cast<uint8_t>(b0[c] + t * (b1[c] - b0[c]));
     }
   // Distractor strokes in background tones.
-  const int strokes = rng.integer(3);
+  const int strokes = rng.integer(4) == 0 ? 1 : 0;
   for (int i = 0; i < strokes; ++i) {
     cv::Vec3b col = hsv_to_rgb(bh, bs, rng.uniform(0.1, 0.95));
     cv::line(img, cv::Point(rng.integer(kCanvas), rng.integer(kCanvas)), cv::Point(rng.integer(kCanvas), rng.integer(kCanvas)),
-             cv::Scalar(col[0], col[1], col[2]), 2 + rng.integer(4), cv::LINE_AA);
+             cv::Scalar(col[0], col[1], col[2]), 2 + rng.integer(3), cv::LINE_AA);
   }
 
   // Object: random scale, position (fully inside), rotation and colour.
-  const double r = rng.uniform(0.2, 0.4) * kCanvas;
-  const double cx = rng.uniform(r + 2, kCanvas - r - 2), cy = rng.uniform(r + 2, kCanvas - r - 2);
-  const double rot = rng.uniform(0, 6.283185307179586);
+  const double r = rng.uniform(0.32, 0.44) * kCanvas;
+  // Position: jittered around the centre by up to 12% of the canvas, kept fully inside.
+  const double lo = std::max(r + 2, 0.38 * kCanvas), hi = std::min(kCanvas - r - 2, 0.62 * kCanvas);
+  const double cx = rng.uniform(std::min(lo, hi), std::max(lo, hi)), cy = rng.uniform(std::min(lo, hi), std::max(lo, hi));
+  const double rot = rng.uniform(-0.5, 0.5);  // a tilt of up to ~29 degrees either way
   cv::Vec3b col;
   if (gid == 0) {
     col = hsv_to_rgb(rng.uniform(0, 180), rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0));
@@ -185,7 +193,7 @@ std::pair<torch::Tensor, int64_t> synthetic_sample(const std::string& generator,
   cv::resize(img, small, cv::Size(kOut, kOut), 0, 0, cv::INTER_AREA);
   auto t = torch::empty({kOut, kOut, 3}, torch::kUInt8);
   uint8_t* d = t.data_ptr<uint8_t>();
-  const double sigma = rng.uniform(3.0, 12.0);  // sensor-like pixel noise
+  const double sigma = rng.uniform(2.0, 8.0);  // sensor-like pixel noise
   for (int y = 0; y < kOut; ++y)
     for (int x = 0; x < kOut; ++x)
       for (int c = 0; c < 3; ++c)

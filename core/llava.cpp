@@ -165,6 +165,22 @@ LlavaOutput LlavaModelImpl::forward(const torch::Tensor& images, const torch::Te
   return out;
 }
 
+torch::Tensor LlavaModelImpl::loss(const torch::Tensor& images, const torch::Tensor& input_ids,
+                                   const torch::Tensor& attention_mask, const torch::Tensor& labels) {
+  // -> scalar, equal to causal_lm_loss(forward(...).logits, labels)
+  TORCH_CHECK(input_ids.dim() == 2 && labels.defined(), "Llava::loss: input_ids [B, T] and labels are required");
+  auto feats = images.defined() ? encode_images(images) : torch::Tensor();
+  auto in = splice(feats, input_ids, attention_mask, labels);
+  auto hidden = language_model->model->forward(in.embeds, in.attention_mask);  // [B, T', D]
+  const int64_t t = hidden.size(1);
+  auto h = hidden.narrow(1, 0, t - 1).reshape({-1, hidden.size(2)});
+  auto lb = in.labels.narrow(1, 1, t - 1).reshape({-1}).to(torch::kLong).to(hidden.device());
+  auto at = lb.ne(-100).nonzero().squeeze(1);
+  if (at.numel() == 0) return hidden.sum() * 0.0;  // nothing to score: zero, not NaN
+  auto logits = language_model->logits(h.index_select(0, at)).to(torch::kFloat32);
+  return torch::nn::functional::cross_entropy(logits, lb.index_select(0, at));
+}
+
 torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels) {
   // logits: [B, T, V], labels: [B, T] -> scalar
   TORCH_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&

@@ -259,6 +259,31 @@ TEST_CASE("image embeddings are spliced at the placeholder with labels and masks
   CHECK(model->splice({}, torch::tensor({{5, 6}}), {}).embeds.sizes() == std::vector<int64_t>{1, 2, 32});
 }
 
+TEST_CASE("Llava::loss equals the loss of the full logits, gradients included", "[models]") {
+  auto model = tiny_llava(5);
+  const int64_t s = model->options.vision.image_size;
+  torch::manual_seed(3);
+  auto images = torch::randn({3, 3, s, s});
+  auto ids = torch::tensor({{5, 47, 6, 7, 0}, {47, 8, 9, 10, 11}, {0, 0, 12, 47, 13}}, torch::kLong);
+  auto mask = torch::tensor({{1, 1, 1, 1, 0}, {1, 1, 1, 1, 1}, {0, 0, 1, 1, 1}}, torch::kLong);
+  auto labels = torch::tensor({{-100, -100, 6, 7, -100}, {-100, -100, 9, 10, 11}, {-100, -100, -100, -100, 13}},
+                              torch::kLong);
+  auto grads = [&](const torch::Tensor& loss) {
+    for (auto& p : model->parameters()) p.mutable_grad() = torch::Tensor();
+    loss.backward();
+    return std::make_pair(model->language_model->model->embed_tokens->weight.grad().clone(),
+                          model->multi_modal_projector->parameters()[0].grad().clone());
+  };
+  auto full = model->forward(images, ids, mask, labels).loss;
+  auto fast = model->loss(images, ids, mask, labels);
+  CHECK(std::abs(full.item<double>() - fast.item<double>()) <= 1e-6);
+  auto [g_head_full, g_proj_full] = grads(full);
+  auto [g_head_fast, g_proj_fast] = grads(fast);
+  CHECK(max_diff(g_head_full, g_head_fast) <= 1e-6);
+  CHECK(max_diff(g_proj_full, g_proj_fast) <= 1e-6);
+  CHECK(model->loss(images, ids, mask, torch::full_like(labels, -100)).item<double>() == 0.0);
+}
+
 TEST_CASE("prompt prefix is prepended with mask 1 and labels -100", "[models]") {
   auto model = tiny_llava(6);
   torch::NoGradGuard ng;

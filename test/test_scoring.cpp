@@ -28,7 +28,7 @@ const std::vector<std::string> kCifar10 = {"airplane", "automobile", "bird", "ca
 std::vector<std::string> objects60() {
   std::vector<std::string> v;
   for (const char* c : {"red", "orange", "yellow", "green", "blue", "purple"})
-    for (const char* s : {"circle", "square", "triangle", "star", "cross", "pentagon", "hexagon", "ring", "crescent",
+    for (const char* s : {"circle", "square", "triangle", "star", "cross", "arrow", "bar", "ring", "crescent",
                           "heart"})
       v.push_back(std::string(c) + " " + s);
   return v;

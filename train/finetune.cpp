@@ -72,10 +72,9 @@ void save_method_artifacts(LlavaModelImpl& model, const TrainableSetup& setup, c
 }  // namespace
 
 StepLoss LlavaObjective::loss(const Batch& batch) {
-  auto out = model_->forward(batch.images.to(device_), batch.input_ids.to(device_),
-                             batch.attention_mask.to(device_), batch.labels.to(device_));
   StepLoss s;
-  s.loss = out.loss;
+  s.loss = model_->loss(batch.images.to(device_), batch.input_ids.to(device_), batch.attention_mask.to(device_),
+                        batch.labels.to(device_));
   s.samples = batch.size();
   s.tokens = (batch.labels != -100).sum().item<int64_t>();  // labels live on the host: no device sync
   return s;

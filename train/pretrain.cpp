@@ -78,25 +78,37 @@ std::pair<std::string, std::string> MixtureDataset::text(int64_t i) const {
   return {q, fill_label(p.answer_template, names.at(static_cast<size_t>(p.dataset->label(j))))};
 }
 
-std::vector<std::string> question_paraphrases(bool digits) {
-  if (digits)
-    return {"What is the object in the image?", "What is the number in the image?", "Which digit is shown?",
-            "What digit is in the picture?"};
-  return {"What is the object in the image?", "What is in the image?", "What does the picture show?",
-          "Name the object in the image."};
+std::vector<std::string> question_paraphrases(const std::string& emt_question, bool digits) {
+  // Other lead questions, the same instruction (and so the same label list): every prompt names the label space,
+  // so datasets whose labels overlap (shapes10 "circle", objects60 "red circle") never get contradicting targets.
+  const auto q = emt_question.find("? ");
+  if (q == std::string::npos) return {emt_question};  // a custom prompt: no safe way to paraphrase it
+  const std::string rest = emt_question.substr(q + 1);
+  const std::vector<std::string> leads =
+      digits ? std::vector<std::string>{"Which digit is shown?", "What number is in the picture?",
+                                        "Read the digit in the image."}
+             : std::vector<std::string>{"What is shown in the image?", "Which object does the picture show?",
+                                        "Name the object in the image."};
+  std::vector<std::string> out;
+  for (const auto& l : leads) out.push_back(l + rest);
+  return out;
 }
 
 // ---- objectives ----------------------------------------------------------------------------------------------
 
 namespace {
 
-// Contrastive image-text loss against the caption of every class of the mixture: each image must pick its own
-// class caption among all of them (CLIP's loss with the batch's captions replaced by the full label space, so
-// same-class images in a batch are never false negatives).
+// Contrastive image-text loss against the caption of every class of the image's own dataset: each image must pick
+// its class caption among its dataset's captions (CLIP's loss with the batch's captions replaced by that label
+// space, as zero-shot classification asks it). Same-class images in a batch are never false negatives, and
+// datasets whose label spaces overlap (shapes10 "circle", objects60 "red circle") never compete.
 class ClipObjective : public Objective {
  public:
-  ClipObjective(ClipModel clip, torch::Tensor caption_ids, torch::Tensor caption_mask, torch::Device dev)
-      : clip_(std::move(clip)), ids_(caption_ids.to(dev)), mask_(caption_mask.to(dev)), dev_(dev) {}
+  // caption_group: [C] the dataset index of every caption (class) of the mixture.
+  ClipObjective(ClipModel clip, torch::Tensor caption_ids, torch::Tensor caption_mask, torch::Tensor caption_group,
+                torch::Device dev)
+      : clip_(std::move(clip)), ids_(caption_ids.to(dev)), mask_(caption_mask.to(dev)), group_(caption_group.to(dev)),
+        dev_(dev) {}
   StepLoss loss(const Batch& batch) override {
     auto img = torch::nn::functional::normalize(clip_->image_features(batch.images.to(dev_)),
                                                 torch::nn::functional::NormalizeFuncOptions().dim(-1));
@@ -104,13 +116,15 @@ class ClipObjective : public Objective {
                                                 torch::nn::functional::NormalizeFuncOptions().dim(-1));
     auto logits = clip_->logit_scale.exp().clamp_max(100.0) * img.matmul(txt.t());
     auto target = torch::tensor(batch.class_ids, torch::kLong).to(dev_);
+    auto other = group_.unsqueeze(0).ne(group_.index_select(0, target).unsqueeze(1));
+    logits = logits.masked_fill(other, -1e4);
     return {torch::nn::functional::cross_entropy(logits, target), batch.size(), batch.size()};
   }
   void set_train(bool on) override { clip_->train(on); }
 
  private:
   ClipModel clip_;
-  torch::Tensor ids_, mask_;
+  torch::Tensor ids_, mask_, group_;
   torch::Device dev_;
 };
 
@@ -222,11 +236,13 @@ std::string pretrain_recipe(const RunConfig& cfg) {
   r.model = cfg.model;
   r.model.pretrained.clear();
   r.data.datasets = cfg.data.datasets;
+  // The recipe draws its own subsets (pretrain.train_max_samples): the fine-tuning bounds do not shape it.
+  for (auto& [name, d] : r.data.datasets) d.train_max_samples = DatasetConfig{}.train_max_samples;
   r.pretrain = cfg.pretrain;
   r.pretrain.cache_dir.clear();
   r.run.seed = cfg.run.seed;
   r.run.dtype = cfg.run.dtype;
-  return "# emt tiny base-model recipe (the cache is reused while this text is unchanged)\nrecipe_version: 1\n" +
+  return "# emt tiny base-model recipe (the cache is reused while this text is unchanged)\nrecipe_version: 2\n" +
          config_to_yaml(r);
 }
 
@@ -290,7 +306,7 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
   std::vector<std::string> lines;
   for (const auto& s : srcs) {
     lines.push_back(render_prompt(cfg.model.conversation, cfg.model.system_prompt, s.emt_question));
-    for (const auto& q : question_paraphrases(s.digits)) lines.push_back(q);
+    for (const auto& q : question_paraphrases(s.emt_question, s.digits)) lines.push_back(q);
     for (const auto& c : s.train->class_names()) {
       lines.push_back(answer_text(s.cfg, c));
       lines.push_back("a photo of a " + c + ".");
@@ -337,7 +353,7 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
 
   std::vector<MixtureDataset::Part> parts;
   for (const auto& s : srcs) {
-    std::vector<std::string> qs = question_paraphrases(s.digits);
+    std::vector<std::string> qs = question_paraphrases(s.emt_question, s.digits);
     // The EMT prompt is what the study asks: give it half of the samples.
     for (size_t i = 0, n = qs.size(); i < n; ++i) qs.push_back(s.emt_question);
     parts.push_back({s.train, qs, s.cfg.answer});
@@ -367,7 +383,7 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
         (*part)->set_name(src.name);
         (*part)->set_class_names(src.train->class_names());
       }
-      std::vector<std::string> para_q = question_paraphrases(src.digits);
+      std::vector<std::string> para_q = question_paraphrases(src.emt_question, src.digits);
       for (auto& [part, qs] : {std::pair{emt_part, std::vector<std::string>{src.emt_question}},
                                std::pair{para_part, para_q}}) {
         auto mix = std::make_shared<MixtureDataset>(std::vector<MixtureDataset::Part>{{part, qs, src.cfg.answer}}, true);
@@ -380,9 +396,14 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
   // (a) contrastive CLIP
   if (cfg.pretrain.clip_steps > 0) {
     auto [ids, mask] = caption_tensors(*tok, mixture->class_names(), ms.clip_text.max_position_embeddings);
-    ClipObjective obj(clip, ids, mask, dev);
+    std::vector<int64_t> group;
+    for (size_t k = 0; k < srcs.size(); ++k)
+      group.insert(group.end(), srcs[k].train->class_names().size(), static_cast<int64_t>(k));
+    ClipObjective obj(clip, ids, mask, torch::tensor(group, torch::kLong), dev);
     for (auto& p : clip->parameters()) p.set_requires_grad(true);
-    DataLoader loader(mixture, tok, ps, lo);
+    LoaderOptions clo = lo;
+    clo.batch_size = cfg.pretrain.clip_batch_size;
+    DataLoader loader(mixture, tok, ps, clo);
     auto src = loader_source(loader);
     TrainableIO io{[] { return NamedTensors{}; }, [](const NamedTensors&) {}, {}};
     Trainer t(obj, *src, all_params_groups(*clip, cfg.pretrain.learning_rate), io,
@@ -427,12 +448,17 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
       elo.batch_size = 64;
       DataLoader loader(sub, tok, q, elo);
       loader.start_epoch(0);
+      auto [cap_ids, cap_mask] = caption_tensors(*tok, sub->class_names(), ms.clip_text.max_position_embeddings);
+      auto txt = torch::nn::functional::normalize(clip->text_features(cap_ids.to(dev), cap_mask.to(dev)),
+                                                  torch::nn::functional::NormalizeFuncOptions().dim(-1));
       Batch b;
-      int64_t right = 0, n = 0;
+      int64_t right = 0, n = 0, clip_right = 0;
       GenerateOptions go;
       go.max_new_tokens = 16;
       go.eos_id = tok->eos_id();
       while (loader.next(b)) {
+        auto zs = clip->image_features(b.images.to(dev)).matmul(txt.t()).argmax(-1).cpu();
+        for (size_t i = 0; i < b.class_ids.size(); ++i) clip_right += zs[static_cast<int64_t>(i)].item<int64_t>() == b.class_ids[i];
         auto outs = generate(llava, b.images.to(dev), b.input_ids.to(dev), b.attention_mask.to(dev), go);
         for (size_t i = 0; i < outs.size(); ++i) {
           std::string text = tok->decode(outs[i], true);
@@ -444,7 +470,9 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
         }
       }
       rep.exact_match[s.name] = n ? static_cast<double>(right) / n : 0.0;
-      log_info("[pretrain] {}: greedy exact match {:.1f}% on {} test images", s.name, 100.0 * rep.exact_match[s.name], n);
+      rep.clip_zero_shot[s.name] = n ? static_cast<double>(clip_right) / n : 0.0;
+      log_info("[pretrain] {}: greedy exact match {:.1f}%, CLIP zero-shot {:.1f}% on {} test images", s.name,
+               100.0 * rep.exact_match[s.name], 100.0 * rep.clip_zero_shot[s.name], n);
     }
   }
 
@@ -464,7 +492,8 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
                 fs::copy_options::overwrite_existing);
   fs::remove(staging / "corpus.txt", ec);
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  json report = {{"seconds", rep.seconds}, {"exact_match", rep.exact_match}, {"threads", torch::get_num_threads()}};
+  json report = {{"seconds", rep.seconds}, {"exact_match", rep.exact_match}, {"clip_zero_shot", rep.clip_zero_shot},
+                 {"threads", torch::get_num_threads()}};
   write_file_atomic((staging / "pretrain_report.json").string(), report.dump(2) + "\n");
   write_file_atomic((staging / "recipe.yaml").string(), recipe);
   if (dir.has_parent_path()) fs::create_directories(dir.parent_path());

@@ -329,6 +329,7 @@ struct PretrainSection {
   int64_t align_steps = 200;
   int64_t instruct_steps = 1500;
   int batch_size = 64;
+  int clip_batch_size = 128;
   double learning_rate = 2e-3;
   int64_t tokenizer_vocab = 512;
   int64_t train_max_samples = 6000;  // per dataset
@@ -339,7 +340,8 @@ struct PretrainSection {
     v("clip_steps", clip_steps, "stage a: contrastive CLIP steps");
     v("align_steps", align_steps, "stage b: projector alignment steps");
     v("instruct_steps", instruct_steps, "stage c: instruction-tuning steps");
-    v("batch_size", batch_size, "batch size for every stage");
+    v("batch_size", batch_size, "batch size of the language stages (b, c)");
+    v("clip_batch_size", clip_batch_size, "batch size of the contrastive stage (a): images are cheap there");
     v("learning_rate", learning_rate, "peak learning rate for every stage");
     v("tokenizer_vocab", tokenizer_vocab, "SentencePiece vocabulary trained for the tiny model");
     v("train_max_samples", train_max_samples, "training images per dataset");

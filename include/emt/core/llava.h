@@ -46,6 +46,10 @@ struct LlavaModelImpl : torch::nn::Module {
   // replaced by N image embeddings (labels -100, mask 1 there), so T' = T - 1 + N (+ K prompt-prefix tokens).
   LlavaOutput forward(const torch::Tensor& images, const torch::Tensor& input_ids,
                       const torch::Tensor& attention_mask, const torch::Tensor& labels = {});
+  // The training loss of forward(...).loss without the full [B, T', V] logits: the LM head runs only where a
+  // label is scored (answers are a few tokens of a long prompt), which saves most of its cost and memory.
+  torch::Tensor loss(const torch::Tensor& images, const torch::Tensor& input_ids, const torch::Tensor& attention_mask,
+                     const torch::Tensor& labels);
   // images: [B, 3, S, S] -> [B, N, D_llm]; the tower runs under NoGrad unless one of its parameters is trainable.
   torch::Tensor encode_images(const torch::Tensor& images);
   // image_features: [B, N, D_llm] or undefined -> the decoder's input sequence (prompt prefix included).

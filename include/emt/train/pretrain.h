@@ -31,8 +31,10 @@ struct PretrainReport {
 // The text that identifies a recipe; the cache is reused only when it matches byte for byte.
 std::string pretrain_recipe(const RunConfig& cfg);
 PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts = {});
-// Paraphrases of the EMT question used in instruction tuning (the EMT prompt itself is always included).
-std::vector<std::string> question_paraphrases(bool digits);
+// Paraphrases of a dataset's EMT question used in instruction tuning (the EMT prompt itself is always included):
+// other lead questions followed by the same instruction and label list. A question without "? " (a custom
+// prompt) is returned alone.
+std::vector<std::string> question_paraphrases(const std::string& emt_question, bool digits);
 
 // Several datasets seen as one: labels offset into one joint class list; in text mode each sample carries a
 // question (chosen deterministically per index from its dataset's list) and the dataset's answer.
