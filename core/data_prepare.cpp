@@ -153,8 +153,8 @@ void prepare_synthetic(const std::string& generator, const std::string& out_dir,
   }
   write_file_atomic((fs::path(tmp) / "batches.meta.txt").string(), lines(names));
   write_file_atomic((fs::path(tmp) / "SOURCE.txt").string(),
-                    fmt::format("emt synthetic generator '{}', seed {}: {} train, {} test, 32x32 RGB, CIFAR-10 binary "
-                                "layout\n", generator, seed, train_size, test_size));
+                    fmt::format("emt synthetic generator '{}' version {}, seed {}: {} train, {} test, 32x32 RGB, "
+                                "CIFAR-10 binary layout\n", generator, kSyntheticVersion, seed, train_size, test_size));
   commit_dir_atomic(tmp, out_dir);
 }
 

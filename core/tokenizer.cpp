@@ -292,7 +292,8 @@ void train_sentencepiece(const std::string& corpus_path, const std::string& mode
                      "\n--num_threads=1\n--input_sentence_size=0\n--shuffle_input_sentence=false"
                      "\n--random_seed=1234\n--remove_extra_whitespaces=false\n--minloglevel=2\n" +
                      "--unk_id=" + std::to_string(opts.unk_id) + "\n--bos_id=" + std::to_string(opts.bos_id) +
-                     "\n--eos_id=" + std::to_string(opts.eos_id) + "\n--pad_id=" + std::to_string(opts.pad_id) + "\n";
+                     "\n--eos_id=" + std::to_string(opts.eos_id) + "\n--pad_id=" + std::to_string(opts.pad_id) + "\n" +
+                     "--split_by_unicode_script=" + (opts.split_by_unicode_script ? "true" : "false") + "\n";
   if (!symbols.empty()) args += "--user_defined_symbols=" + symbols + "\n";
   const SpmApi& api = spm_api();
   if (api.train(args.c_str()) != 0)

@@ -11,7 +11,9 @@ for d in mnist fashion-mnist synthetic; do
   case $d in
     mnist) ready=data/mnist/t10k-labels-idx1-ubyte ;;
     fashion-mnist) ready=data/fashion-mnist ;;
-    synthetic) ready=data/synthetic/objects60 ;;
+    synthetic) ready=data/synthetic/objects60/SOURCE.txt
+      # sets drawn by an older generator are redrawn (SOURCE.txt records the version)
+      grep -qs "version 2," "$ready" || rm -rf data/synthetic ;;
   esac
   [ -e "$ready" ] || build/emt data prepare "$d" --out data
 done

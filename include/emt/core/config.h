@@ -325,10 +325,10 @@ struct StudySection {
 struct PretrainSection {
   std::string cache_dir = "models/tiny-base";  // reused when its recorded config matches
   std::vector<std::string> datasets;           // empty = every dataset in data.datasets
-  int64_t clip_steps = 600;
-  int64_t align_steps = 200;
-  int64_t instruct_steps = 1500;
-  int batch_size = 64;
+  int64_t clip_steps = 1300;
+  int64_t align_steps = 50;
+  int64_t instruct_steps = 800;
+  int batch_size = 32;
   int clip_batch_size = 128;
   double learning_rate = 2e-3;
   int64_t tokenizer_vocab = 512;

@@ -155,6 +155,9 @@ std::vector<LlavaSample> read_llava_json(const std::string& path);
 std::vector<LlavaSample> parse_llava_json(const std::string& text, const std::string& name);
 
 // Deterministic synthetic sets drawn with OpenCV: "shapes10" (10 shapes) and "objects60" (6 colours x 10 shapes).
+// Bumped whenever synthetic_sample draws different images; `emt data prepare` records it in SOURCE.txt and
+// scripts/quickstart.sh regenerates sets written by another version.
+inline constexpr int kSyntheticVersion = 2;
 std::vector<std::string> synthetic_generators();
 std::vector<std::string> synthetic_class_names(const std::string& generator);
 // Image `index` of `split` (uint8 [32, 32, 3]) and its label; a pure function of its arguments.

@@ -31,6 +31,9 @@ struct SentencePieceTrainOptions {
   std::string model_type = "bpe";  // bpe | unigram
   double character_coverage = 1.0;
   std::vector<std::string> user_defined_symbols;  // e.g. "<image>"
+  // SentencePiece splits where the Unicode script changes (letters | punctuation), so "circle," is two pieces;
+  // false lets such a word become one piece (shorter label lists in prompts).
+  bool split_by_unicode_script = true;
   // Special ids (SentencePiece's flags; -1 disables a special). The tiny model moves eos off id 2 because HF's
   // CLIP text tower treats eos_token_id == 2 as "pool at the argmax id" (its legacy rule).
   int64_t unk_id = 0, bos_id = 1, eos_id = 2, pad_id = -1;
