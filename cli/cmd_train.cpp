@@ -2,6 +2,7 @@
 #include <emt/core/config.h>
 #include <emt/core/log.h>
 #include <emt/core/runtime.h>
+#include <emt/eval/study.h>
 #include <emt/train/finetune.h>
 #include <emt/train/pretrain.h>
 
@@ -33,7 +34,7 @@ emt::cli::RegisterCommand reg_train([](CLI::App& root) {
     std::string run_dir = (std::filesystem::path(cfg.run.out_dir) / cfg.run.name).string();
     std::filesystem::create_directories(run_dir);
     emt::write_file_atomic(run_dir + "/config.yaml", emt::config_to_yaml(cfg));
-    if (cfg.model.pretrained.empty()) emt::pretrain_tiny(cfg);
+    if (cfg.model.pretrained.empty()) emt::build_base_model(cfg);
     auto base = emt::load_base_model(cfg);
     emt::FinetuneOptions fo;
     fo.run_dir = run_dir;
@@ -58,14 +59,9 @@ emt::cli::RegisterCommand reg_pretrain([](CLI::App& root) {
     auto cfg = load_and_setup(*path, *overrides);
     emt::PretrainOptions po;
     po.force = *force;
-    auto r = emt::pretrain_tiny(cfg, po);
+    auto r = emt::build_base_model(cfg, po);
     std::cout << fmt::format("tiny base model: {} ({}, {:.0f}s)\n", r.dir, r.reused ? "reused" : "built", r.seconds);
-    for (const auto& [name, acc] : r.exact_match) {
-      auto zs = r.clip_zero_shot.find(name);
-      std::cout << fmt::format("  {:<16} greedy exact match {:5.1f}%", name, 100.0 * acc);
-      if (zs != r.clip_zero_shot.end()) std::cout << fmt::format("   CLIP zero-shot {:5.1f}%", 100.0 * zs->second);
-      std::cout << "\n";
-    }
+    if (!r.checks.empty()) std::cout << emt::format_base_checks(r);
   });
 });
 

@@ -75,7 +75,11 @@ class Study {
     auto t0 = std::chrono::steady_clock::now();
     fs::create_directories(run_dir_);
     write_file_atomic(run_dir_ + "/config.yaml", config_to_yaml(cfg_));
-    if (cfg_.model.pretrained.empty()) pretrain_tiny(cfg_, PretrainOptions{false, opts_.progress});
+    if (cfg_.model.pretrained.empty()) {
+      PretrainOptions po;
+      po.progress = opts_.progress;
+      build_base_model(cfg_, po);
+    }
     done_ = done_keys(results_path_);
     writer_ = std::make_unique<JsonlWriter>(results_path_);
     evaluator_ = std::make_unique<Evaluator>(cfg_);

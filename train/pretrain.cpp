@@ -1,8 +1,7 @@
-// The tiny base-model recipe: tokenizer training, contrastive CLIP, projector alignment, instruction tuning, all
-// with the one Trainer; writes an HF-layout directory that load_llava/load_hf_tokenizer read back.
+// The tiny base-model recipe: tokenizer training, contrastive CLIP, projector alignment on captions, instruction
+// tuning on generic visual instructions, all with the one Trainer; writes an HF-layout directory.
 #include <emt/adapters/policy.h>
 #include <emt/core/conversation.h>
-#include <emt/core/generate.h>
 #include <emt/core/hf_checkpoint.h>
 #include <emt/core/image.h>
 #include <emt/core/llava.h>
@@ -11,8 +10,10 @@
 #include <emt/core/runtime.h>
 #include <emt/core/tokenizer.h>
 #include <emt/train/finetune.h>
+#include <emt/train/instructions.h>
 #include <emt/train/pretrain.h>
 #include <emt/train/trainer.h>
+#include <fmt/format.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -29,16 +30,13 @@ using json = nlohmann::json;
 
 // ---- mixture -------------------------------------------------------------------------------------------------
 
-MixtureDataset::MixtureDataset(std::vector<Part> parts, bool text_mode)
-    : parts_(std::move(parts)), text_mode_(text_mode) {
+MixtureDataset::MixtureDataset(std::vector<std::shared_ptr<ImageDataset>> parts) : parts_(std::move(parts)) {
   std::vector<std::string> names;
   for (const auto& p : parts_) {
     starts_.push_back(total_);
     label_offsets_.push_back(static_cast<int64_t>(names.size()));
-    total_ += p.dataset->size();
-    for (const auto& n : p.dataset->class_names()) names.push_back(n);
-    if (text_mode_ && p.questions.empty())
-      throw ConfigError("[pretrain] mixture part '" + p.dataset->name() + "' has no question");
+    total_ += p->size();
+    for (const auto& n : p->class_names()) names.push_back(n);
   }
   set_class_names(std::move(names));
   set_name("mixture");
@@ -52,12 +50,12 @@ std::pair<size_t, int64_t> MixtureDataset::locate(int64_t i) const {
 
 int64_t MixtureDataset::label(int64_t i) const {
   auto [k, j] = locate(i);
-  return label_offsets_[k] + parts_[k].dataset->label(j);
+  return label_offsets_[k] + parts_[k]->label(j);
 }
 
 torch::Tensor MixtureDataset::image(int64_t i) const {
   auto [k, j] = locate(i);
-  auto img = parts_[k].dataset->image(j);
+  auto img = parts_[k]->image(j);
   // Grey and colour datasets meet in one batch: always hand out 3 channels.
   if (img.dim() == 3 && img.size(2) == 1) img = img.expand({img.size(0), img.size(1), 3}).contiguous();
   return img;
@@ -65,38 +63,18 @@ torch::Tensor MixtureDataset::image(int64_t i) const {
 
 std::string MixtureDataset::source(int64_t i) const {
   auto [k, j] = locate(i);
-  return parts_[k].dataset->name() + ": " + parts_[k].dataset->source(j);
-}
-
-std::pair<std::string, std::string> MixtureDataset::text(int64_t i) const {
-  auto [k, j] = locate(i);
-  const auto& p = parts_[k];
-  // A fixed multiplicative hash spreads the paraphrases evenly over the samples.
-  uint64_t h = static_cast<uint64_t>(j) * 0x9E3779B97F4A7C15ull;
-  const auto& q = p.questions[(h >> 33) % p.questions.size()];
-  const auto& names = p.dataset->class_names();
-  return {q, fill_label(p.answer_template, names.at(static_cast<size_t>(p.dataset->label(j))))};
-}
-
-std::vector<std::string> question_paraphrases(const std::string& emt_question, bool digits) {
-  // Other lead questions, the same instruction (and so the same label list): every prompt names the label space,
-  // so datasets whose labels overlap (shapes10 "circle", objects60 "red circle") never get contradicting targets.
-  const auto q = emt_question.find("? ");
-  if (q == std::string::npos) return {emt_question};  // a custom prompt: no safe way to paraphrase it
-  const std::string rest = emt_question.substr(q + 1);
-  const std::vector<std::string> leads =
-      digits ? std::vector<std::string>{"Which digit is shown?", "What number is in the picture?",
-                                        "Read the digit in the image."}
-             : std::vector<std::string>{"What is shown in the image?", "Which object does the picture show?",
-                                        "Name the object in the image."};
-  std::vector<std::string> out;
-  for (const auto& l : leads) out.push_back(l + rest);
-  return out;
+  return parts_[k]->name() + ": " + parts_[k]->source(j);
 }
 
 // ---- objectives ----------------------------------------------------------------------------------------------
 
 namespace {
+
+std::string lowercase(std::string s) {
+  for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return s;
+}
+
 
 // Contrastive image-text loss against the caption of every class of the image's own dataset: each image must pick
 // its class caption among its dataset's captions (CLIP's loss with the batch's captions replaced by that label
@@ -242,73 +220,96 @@ std::string pretrain_recipe(const RunConfig& cfg) {
   r.pretrain.cache_dir.clear();
   r.run.seed = cfg.run.seed;
   r.run.dtype = cfg.run.dtype;
-  return "# emt tiny base-model recipe (the cache is reused while this text is unchanged)\nrecipe_version: 2\n" +
+  r.finetune.question = cfg.finetune.question;  // part of the tokenizer's corpus
+  return "# emt tiny base-model recipe (the cache is reused while this text is unchanged)\nrecipe_version: 3\n" +
          config_to_yaml(r);
 }
 
-PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) {
-  PretrainReport rep;
-  rep.dir = cfg.pretrain.cache_dir;
-  const std::string recipe = pretrain_recipe(cfg);
-  const fs::path dir(rep.dir);
-  if (!opts.force && fs::exists(dir / "recipe.yaml") && fs::exists(dir / "config.json") &&
-      read_file((dir / "recipe.yaml").string()) == recipe) {
-    rep.reused = true;
-    if (fs::exists(dir / "pretrain_report.json")) {
-      auto j = json::parse(read_file((dir / "pretrain_report.json").string()));
-      rep.exact_match = j.value("exact_match", std::map<std::string, double>{});
-      rep.clip_zero_shot = j.value("clip_zero_shot", std::map<std::string, double>{});
-      rep.seconds = j.value("seconds", 0.0);
-    }
-    log_info("[pretrain] reusing the tiny base model in {} (recipe unchanged)", rep.dir);
-    return rep;
-  }
-  auto t0 = std::chrono::steady_clock::now();
-  const auto dev = resolve_device(cfg.run.device);
-  set_threads(cfg.run.threads);
-  seed_everything(static_cast<uint64_t>(cfg.run.seed));
-  const uint64_t seed = static_cast<uint64_t>(cfg.run.seed);
-
+std::vector<PretrainSource> pretrain_sources(const RunConfig& cfg) {
   std::vector<std::string> names = cfg.pretrain.datasets;
   if (names.empty())
     for (const auto& [n, _] : cfg.data.datasets) names.push_back(n);
   if (names.empty()) throw ConfigError("[pretrain] data.datasets is empty: nothing to pretrain on");
-
-  // Datasets (train subsets) and their questions.
-  struct Src {
-    std::string name;
-    DatasetConfig cfg;
-    std::shared_ptr<ImageDataset> train;
-    std::string emt_question;
-    bool digits;
-  };
-  std::vector<Src> srcs;
+  const uint64_t seed = static_cast<uint64_t>(cfg.run.seed);
+  std::vector<PretrainSource> out;
   for (const auto& n : names) {
-    Src s;
+    auto it = cfg.data.datasets.find(n);
+    if (it == cfg.data.datasets.end()) throw ConfigError("[pretrain] pretrain.datasets: '" + n + "' is not in data.datasets");
+    PretrainSource s;
     s.name = n;
-    s.cfg = cfg.data.datasets.at(n);
     // The recipe picks its own subset: data.datasets.*.train_max_samples limits fine-tuning, not pretraining.
-    auto full = open_dataset_full(n, s.cfg, cfg.data.root, Split::train);
-    auto idx = choose_subset(*full, cfg.pretrain.train_max_samples, true, seed);
-    s.train = subset(full, idx);
+    auto full = open_dataset_full(n, it->second, cfg.data.root, Split::train);
+    s.train = subset(full, choose_subset(*full, cfg.pretrain.train_max_samples, true, seed));
     s.train->set_name(n);
     s.train->set_class_names(full->class_names());
-    s.emt_question = dataset_question(n, s.cfg, full->class_names());
-    s.digits = is_digit_dataset(s.cfg, full->class_names());
-    srcs.push_back(std::move(s));
+    s.digits = is_digit_dataset(it->second, full->class_names());
+    out.push_back(std::move(s));
   }
+  return out;
+}
 
-  // Tokenizer trained on every text the model will see.
-  const fs::path staging = fs::path(rep.dir + ".tmp." + std::to_string(::getpid()));
-  std::error_code ec;
-  fs::remove_all(staging, ec);
-  fs::create_directories(staging / "clip");
+std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfig& cfg,
+                                                                  const std::vector<PretrainSource>& srcs,
+                                                                  bool captions_only) {
+  std::vector<std::shared_ptr<ImageDataset>> out;
+  std::vector<std::pair<std::string, std::vector<std::string>>> names;
+  for (const auto& [n, d] : cfg.data.datasets) {
+    bool pooled = false;
+    for (const auto& s : srcs) pooled = pooled || s.name == n;
+    if (pooled) continue;
+    names.emplace_back(n, open_dataset_full(n, d, cfg.data.root, Split::test)->class_names());
+  }
+  for (const auto& s : srcs) names.emplace_back(s.name, s.train->class_names());
+  const auto forbidden = study_texts(cfg, names);
+  // Everyday nouns that no dataset uses as a label (by its normalised words).
+  std::vector<std::string> nouns;
+  for (const auto& w : everyday_nouns()) {
+    bool used = false;
+    for (const auto& [_, list] : names)
+      for (const auto& c : list) used = used || lowercase(c) == w;
+    if (!used) nouns.push_back(w);
+  }
+  for (size_t k = 0; k < srcs.size(); ++k) {
+    InstructionOptions io;
+    io.captions_only = captions_only;
+    io.digits = srcs[k].digits;
+    io.seed = mix_seed(static_cast<uint64_t>(cfg.run.seed), k);
+    io.distractors = nouns;
+    for (size_t o = 0; o < srcs.size(); ++o)
+      if (o != k) io.other_labels.push_back(srcs[o].train->class_names());
+    auto set = std::make_shared<InstructionDataset>(srcs[k].train, io);
+    // The base model must never practise what a study asks or trains: refuse a recipe that would.
+    auto leaks = study_text_leaks(*set, forbidden, names);
+    if (!leaks.empty())
+      throw ConfigError(fmt::format("[pretrain] {} generic instruction(s) for '{}' contain a study prompt or answer, "
+                                    "e.g. {}; change that dataset's prompt/answer so they differ from the recipe's "
+                                    "generic texts (docs/training.md)", leaks.size(), srcs[k].name, leaks[0]));
+    out.push_back(set);
+  }
+  return out;
+}
+
+namespace {
+
+// Stage 0: a SentencePiece BPE over the language the model will meet: the generic instructions, CLIP captions, and
+// the study's prompts and answers (a tokenizer knows the whole language, as LLaMA's does; the LLM is never trained
+// on the study texts before a study).
+std::shared_ptr<Tokenizer> train_tokenizer(const RunConfig& cfg, const std::vector<PretrainSource>& srcs,
+                                           const std::vector<std::shared_ptr<ImageDataset>>& sets,
+                                           const fs::path& staging) {
   std::vector<std::string> lines;
+  for (const auto& set : sets)
+    for (int64_t i = 0; i < std::min<int64_t>(set->size(), 1500); ++i) {
+      auto [q, a] = set->text(i);
+      lines.push_back(q);
+      lines.push_back(a);
+    }
   for (const auto& s : srcs) {
-    lines.push_back(render_prompt(cfg.model.conversation, cfg.model.system_prompt, s.emt_question));
-    for (const auto& q : question_paraphrases(s.emt_question, s.digits)) lines.push_back(q);
+    const auto& dc = cfg.data.datasets.at(s.name);
+    lines.push_back(render_prompt(cfg.model.conversation, cfg.model.system_prompt,
+                                  dataset_question(s.name, dc, s.train->class_names())));
     for (const auto& c : s.train->class_names()) {
-      lines.push_back(answer_text(s.cfg, c));
+      lines.push_back(answer_text(dc, c));
       lines.push_back("a photo of a " + c + ".");
     }
   }
@@ -332,156 +333,99 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
              cfg.pretrain.tokenizer_vocab, so.vocab_size);
     train_sentencepiece((staging / "corpus.txt").string(), (staging / "tokenizer").string(), so);
   }
-  std::shared_ptr<Tokenizer> tok = load_sentencepiece((staging / "tokenizer.model").string());
-  const int64_t image_id = tok->special_token_id("<image>") >= 0 ? tok->special_token_id("<image>")
-                                                                  : tok->add_special_token("<image>");
-  const int64_t vocab = tok->vocab_size();
-  log_info("[pretrain] tokenizer: {} pieces, <image> = {}", vocab, image_id);
+  std::error_code ec;
+  fs::remove(staging / "corpus.txt", ec);
+  return load_sentencepiece((staging / "tokenizer.model").string());
+}
 
-  // Model shapes follow the tokenizer.
-  ModelSection ms = cfg.model;
-  ms.llm.vocab_size = static_cast<int>(vocab);
-  ms.clip_text.vocab_size = static_cast<int>(vocab);
-  LlavaModel llava = build_llava(ms, image_id);
-  ClipOptions co = clip_options(ms.vision, ms.clip_text);
-  co.text.eos_token_id = tok->eos_id();
-  ClipModel clip(co);
-  // One vision tower, shared: what CLIP learns is what the LLM sees.
-  clip->vision_model = clip->replace_module("vision_model", llava->vision_tower->vision_model);
-  llava->to(dev);
-  clip->to(dev);
-  const auto image_opts = image_options_for_size(ms.vision.image_size);
+struct TinyModels {
+  LlavaModel llava{nullptr};
+  ClipModel clip{nullptr};
+  ModelSection shapes;
+  int64_t image_id = -1;
+};
 
-  std::vector<MixtureDataset::Part> parts;
-  for (const auto& s : srcs) {
-    std::vector<std::string> qs = question_paraphrases(s.emt_question, s.digits);
-    // The EMT prompt is what the study asks: give it half of the samples.
-    for (size_t i = 0, n = qs.size(); i < n; ++i) qs.push_back(s.emt_question);
-    parts.push_back({s.train, qs, s.cfg.answer});
-  }
-  auto mixture = std::make_shared<MixtureDataset>(parts, /*text_mode=*/true);
+// Model shapes follow the tokenizer; one vision tower, shared: what CLIP learns is what the LLM sees.
+TinyModels build_models(const RunConfig& cfg, Tokenizer& tok, torch::Device dev) {
+  TinyModels m;
+  m.image_id = tok.special_token_id("<image>") >= 0 ? tok.special_token_id("<image>") : tok.add_special_token("<image>");
+  m.shapes = cfg.model;
+  m.shapes.llm.vocab_size = static_cast<int>(tok.vocab_size());
+  m.shapes.clip_text.vocab_size = static_cast<int>(tok.vocab_size());
+  m.llava = build_llava(m.shapes, m.image_id);
+  ClipOptions co = clip_options(m.shapes.vision, m.shapes.clip_text);
+  co.text.eos_token_id = tok.eos_id();
+  m.clip = ClipModel(co);
+  m.clip->vision_model = m.clip->replace_module("vision_model", m.llava->vision_tower->vision_model);
+  m.llava->to(dev);
+  m.clip->to(dev);
+  log_info("[pretrain] tokenizer: {} pieces, <image> = {}", tok.vocab_size(), m.image_id);
+  return m;
+}
+
+LoaderOptions language_loader_options(const RunConfig& cfg, const ImageProcessorOptions& image) {
   LoaderOptions lo;
   lo.batch_size = cfg.pretrain.batch_size;
-  lo.seed = seed;
+  lo.seed = static_cast<uint64_t>(cfg.run.seed);
   lo.workers = cfg.data.workers;
   lo.prefetch = cfg.data.prefetch;
   lo.conversation = cfg.model.conversation;
   lo.system = cfg.model.system_prompt;
-  lo.image = image_opts;
+  lo.image = image;
   lo.drop_last = true;
-  PromptSpec ps;  // questions come from the mixture itself
-  // Language stages: per dataset, a quarter of the images with the EMT prompt and the rest with paraphrases,
-  // each kind in batches of its own.
-  auto grouped_loaders = [&] {
-    std::vector<std::unique_ptr<DataLoader>> out;
-    for (const auto& src : srcs) {
-      const int64_t n = src.train->size(), cut = n / 4;
-      std::vector<int64_t> emt_idx, para_idx;
-      for (int64_t i = 0; i < n; ++i) (i % 4 == 0 && static_cast<int64_t>(emt_idx.size()) < cut ? emt_idx : para_idx).push_back(i);
-      auto emt_part = subset(src.train, emt_idx);
-      auto para_part = subset(src.train, para_idx);
-      for (auto* part : {&emt_part, &para_part}) {
-        (*part)->set_name(src.name);
-        (*part)->set_class_names(src.train->class_names());
-      }
-      std::vector<std::string> para_q = question_paraphrases(src.emt_question, src.digits);
-      for (auto& [part, qs] : {std::pair{emt_part, std::vector<std::string>{src.emt_question}},
-                               std::pair{para_part, para_q}}) {
-        auto mix = std::make_shared<MixtureDataset>(std::vector<MixtureDataset::Part>{{part, qs, src.cfg.answer}}, true);
-        out.push_back(std::make_unique<DataLoader>(mix, tok, ps, lo));
-      }
-    }
-    return out;
-  };
+  return lo;
+}
 
-  // (a) contrastive CLIP
-  if (cfg.pretrain.clip_steps > 0) {
-    auto [ids, mask] = caption_tensors(*tok, mixture->class_names(), ms.clip_text.max_position_embeddings);
-    std::vector<int64_t> group;
-    for (size_t k = 0; k < srcs.size(); ++k)
-      group.insert(group.end(), srcs[k].train->class_names().size(), static_cast<int64_t>(k));
-    ClipObjective obj(clip, ids, mask, torch::tensor(group, torch::kLong), dev);
-    for (auto& p : clip->parameters()) p.set_requires_grad(true);
-    LoaderOptions clo = lo;
-    clo.batch_size = cfg.pretrain.clip_batch_size;
-    DataLoader loader(mixture, tok, ps, clo);
-    auto src = loader_source(loader);
-    TrainableIO io{[] { return NamedTensors{}; }, [](const NamedTensors&) {}, {}};
-    Trainer t(obj, *src, all_params_groups(*clip, cfg.pretrain.learning_rate), io,
-              stage_options(cfg, "pretrain/clip", cfg.pretrain.clip_steps, dev));
-    t.fit();
+// Stage (a): contrastive CLIP, each image against the captions of its own dataset's classes.
+void stage_clip(const RunConfig& cfg, TinyModels& m, const std::vector<PretrainSource>& srcs,
+                const std::shared_ptr<Tokenizer>& tok, const ImageProcessorOptions& image, torch::Device dev) {
+  std::vector<std::shared_ptr<ImageDataset>> parts;
+  std::vector<int64_t> group;
+  for (size_t k = 0; k < srcs.size(); ++k) {
+    parts.push_back(srcs[k].train);
+    group.insert(group.end(), srcs[k].train->class_names().size(), static_cast<int64_t>(k));
   }
-  for (auto& p : clip->parameters()) p.set_requires_grad(false);
+  auto mixture = std::make_shared<MixtureDataset>(parts);
+  auto [ids, mask] = caption_tensors(*tok, mixture->class_names(), m.shapes.clip_text.max_position_embeddings);
+  ClipObjective obj(m.clip, ids, mask, torch::tensor(group, torch::kLong), dev);
+  for (auto& p : m.clip->parameters()) p.set_requires_grad(true);
+  LoaderOptions lo = language_loader_options(cfg, image);
+  lo.batch_size = cfg.pretrain.clip_batch_size;
+  PromptSpec ps{{"a photo"}, "{label}"};  // prompts are not used by the contrastive objective
+  DataLoader loader(mixture, tok, ps, lo);
+  auto src = loader_source(loader);
+  TrainableIO io{[] { return NamedTensors{}; }, [](const NamedTensors&) {}, {}};
+  Trainer t(obj, *src, all_params_groups(*m.clip, cfg.pretrain.learning_rate), io,
+            stage_options(cfg, "pretrain/clip", cfg.pretrain.clip_steps, dev));
+  t.fit();
+  for (auto& p : m.clip->parameters()) p.set_requires_grad(false);
+}
 
-  // (b) projector alignment, (c) instruction tuning: the causal-LM objective with two policies.
-  LlavaObjective lm(llava, dev);
-  for (const auto& [stage, method, steps] :
-       {std::tuple<const char*, const char*, int64_t>{"pretrain/align", "linear", cfg.pretrain.align_steps},
-        {"pretrain/instruct", "vision=frozen,projector=full,llm=full", cfg.pretrain.instruct_steps}}) {
-    if (steps <= 0) continue;
-    FinetuneSection ft = cfg.finetune;
-    ft.learning_rate = cfg.pretrain.learning_rate;
-    ft.projector_lr = 0.0;
-    auto setup = apply_training_policy(*llava, policy_for_method(method), ft);
-    GroupedSource src(grouped_loaders(), seed);
-    TrainableIO io{[] { return NamedTensors{}; }, [](const NamedTensors&) {}, {}};
-    Trainer t(lm, src, setup.groups, io, stage_options(cfg, stage, steps, dev));
-    t.fit();
-  }
-  for (auto& p : llava->parameters()) p.set_requires_grad(false);
-  llava->eval();
-  clip->eval();
+// Stages (b) and (c): the causal-LM objective on generic instructions, one dataset per batch (short prompts are
+// never padded to longer ones), with the training policy `method`.
+void stage_language(const RunConfig& cfg, TinyModels& m, const std::vector<std::shared_ptr<ImageDataset>>& sets,
+                    const std::shared_ptr<Tokenizer>& tok, const ImageProcessorOptions& image, const char* label,
+                    const char* method, int64_t steps, torch::Device dev) {
+  LlavaObjective lm(m.llava, dev);
+  FinetuneSection ft = cfg.finetune;
+  ft.learning_rate = cfg.pretrain.learning_rate;
+  ft.projector_lr = 0.0;
+  auto setup = apply_training_policy(*m.llava, policy_for_method(method), ft);
+  std::vector<std::unique_ptr<DataLoader>> loaders;
+  PromptSpec ps;  // questions come from the instruction sets themselves
+  for (const auto& set : sets) loaders.push_back(std::make_unique<DataLoader>(set, tok, ps, language_loader_options(cfg, image)));
+  GroupedSource src(std::move(loaders), static_cast<uint64_t>(cfg.run.seed));
+  TrainableIO io{[] { return NamedTensors{}; }, [](const NamedTensors&) {}, {}};
+  Trainer t(lm, src, setup.groups, io, stage_options(cfg, label, steps, dev));
+  t.fit();
+}
 
-  // Closing check: greedy exact match of the answer sentence on test images, with the EMT prompt.
-  if (opts.check_samples > 0) {
-    torch::NoGradGuard ng;
-    for (const auto& s : srcs) {
-      auto test = open_dataset(s.name, s.cfg, cfg.data.root, Split::test, seed);
-      auto idx = choose_subset(*test, opts.check_samples, true, seed);
-      auto sub = subset(test, idx);
-      sub->set_class_names(test->class_names());
-      PromptSpec q{{s.emt_question}, s.cfg.answer};
-      LoaderOptions elo = lo;
-      elo.shuffle = false;
-      elo.with_answer = false;
-      elo.padding_side = "left";
-      elo.drop_last = false;
-      elo.batch_size = 64;
-      DataLoader loader(sub, tok, q, elo);
-      loader.start_epoch(0);
-      auto [cap_ids, cap_mask] = caption_tensors(*tok, sub->class_names(), ms.clip_text.max_position_embeddings);
-      auto txt = torch::nn::functional::normalize(clip->text_features(cap_ids.to(dev), cap_mask.to(dev)),
-                                                  torch::nn::functional::NormalizeFuncOptions().dim(-1));
-      Batch b;
-      int64_t right = 0, n = 0, clip_right = 0;
-      GenerateOptions go;
-      go.max_new_tokens = 16;
-      go.eos_id = tok->eos_id();
-      while (loader.next(b)) {
-        auto zs = clip->image_features(b.images.to(dev)).matmul(txt.t()).argmax(-1).cpu();
-        for (size_t i = 0; i < b.class_ids.size(); ++i) clip_right += zs[static_cast<int64_t>(i)].item<int64_t>() == b.class_ids[i];
-        auto outs = generate(llava, b.images.to(dev), b.input_ids.to(dev), b.attention_mask.to(dev), go);
-        for (size_t i = 0; i < outs.size(); ++i) {
-          std::string text = tok->decode(outs[i], true);
-          while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) text.pop_back();
-          while (!text.empty() && std::isspace(static_cast<unsigned char>(text.front()))) text.erase(0, 1);
-          std::string want = answer_text(s.cfg, sub->class_names().at(static_cast<size_t>(b.class_ids[i])));
-          right += text == want;
-          ++n;
-        }
-      }
-      rep.exact_match[s.name] = n ? static_cast<double>(right) / n : 0.0;
-      rep.clip_zero_shot[s.name] = n ? static_cast<double>(clip_right) / n : 0.0;
-      log_info("[pretrain] {}: greedy exact match {:.1f}%, CLIP zero-shot {:.1f}% on {} test images", s.name,
-               100.0 * rep.exact_match[s.name], 100.0 * rep.clip_zero_shot[s.name], n);
-    }
-  }
-
-  // Write the HF-layout directory, then swap it in atomically.
-  save_llava(llava, staging.string());
-  save_clip(clip, (staging / "clip").string());
+void write_model_dir(TinyModels& m, const Tokenizer& tok, const ImageProcessorOptions& image_opts,
+                     const fs::path& staging) {
+  save_llava(m.llava, staging.string());
+  save_clip(m.clip, (staging / "clip").string());
   fs::copy_file(staging / "tokenizer.model", staging / "clip" / "tokenizer.model", fs::copy_options::overwrite_existing);
-  json added = {{"<image>", image_id}};
+  json added = {{"<image>", m.image_id}};
   write_file_atomic((staging / "added_tokens.json").string(), added.dump(2) + "\n");
   json pre = {{"crop_size", {{"height", image_opts.crop_size}, {"width", image_opts.crop_size}}},
               {"do_center_crop", true}, {"do_normalize", true}, {"do_rescale", true}, {"do_resize", true},
@@ -491,11 +435,49 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
   write_file_atomic((staging / "preprocessor_config.json").string(), pre.dump(2) + "\n");
   fs::copy_file(staging / "preprocessor_config.json", staging / "clip" / "preprocessor_config.json",
                 fs::copy_options::overwrite_existing);
-  fs::remove(staging / "corpus.txt", ec);
+}
+
+}  // namespace
+
+PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) {
+  PretrainReport rep;
+  rep.dir = cfg.pretrain.cache_dir;
+  const std::string recipe = pretrain_recipe(cfg);
+  const fs::path dir(rep.dir);
+  if (!opts.force && fs::exists(dir / "recipe.yaml") && fs::exists(dir / "config.json") &&
+      read_file((dir / "recipe.yaml").string()) == recipe) {
+    rep.reused = true;
+    log_info("[pretrain] reusing the tiny base model in {} (recipe unchanged)", rep.dir);
+    return rep;
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  const auto dev = resolve_device(cfg.run.device);
+  set_threads(cfg.run.threads);
+  seed_everything(static_cast<uint64_t>(cfg.run.seed));
+
+  const auto srcs = pretrain_sources(cfg);
+  const auto captions = pretrain_language_sets(cfg, srcs, /*captions_only=*/true);
+  const auto instructions = pretrain_language_sets(cfg, srcs, /*captions_only=*/false);
+  const fs::path staging = fs::path(rep.dir + ".tmp." + std::to_string(::getpid()));
+  std::error_code ec;
+  fs::remove_all(staging, ec);
+  fs::create_directories(staging / "clip");
+
+  std::shared_ptr<Tokenizer> tok = train_tokenizer(cfg, srcs, instructions, staging);
+  TinyModels m = build_models(cfg, *tok, dev);
+  const auto image = image_options_for_size(m.shapes.vision.image_size);
+  if (cfg.pretrain.clip_steps > 0) stage_clip(cfg, m, srcs, tok, image, dev);
+  if (cfg.pretrain.align_steps > 0)
+    stage_language(cfg, m, captions, tok, image, "pretrain/align", "linear", cfg.pretrain.align_steps, dev);
+  if (cfg.pretrain.instruct_steps > 0)
+    stage_language(cfg, m, instructions, tok, image, "pretrain/instruct", "vision=frozen,projector=full,llm=full",
+                   cfg.pretrain.instruct_steps, dev);
+  for (auto& p : m.llava->parameters()) p.set_requires_grad(false);
+  m.llava->eval();
+  m.clip->eval();
+
+  write_model_dir(m, *tok, image, staging);
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  json report = {{"seconds", rep.seconds}, {"exact_match", rep.exact_match}, {"clip_zero_shot", rep.clip_zero_shot},
-                 {"threads", torch::get_num_threads()}};
-  write_file_atomic((staging / "pretrain_report.json").string(), report.dump(2) + "\n");
   write_file_atomic((staging / "recipe.yaml").string(), recipe);
   if (dir.has_parent_path()) fs::create_directories(dir.parent_path());
   commit_dir_atomic(staging.string(), rep.dir);

@@ -4,6 +4,7 @@
 #pragma once
 #include <emt/core/config.h>
 #include <emt/eval/metrics.h>
+#include <emt/train/pretrain.h>
 
 #include <string>
 #include <vector>
@@ -27,5 +28,14 @@ struct StudySummary {
 std::string study_cell_name(const std::string& dataset, const std::string& method, int64_t seed);
 
 StudySummary run_study(const RunConfig& cfg, const StudyOptions& opts = {});
+
+// The tiny base model with its closing check: pretrain_tiny, then (when the model was just built, or its
+// pretrain_report.json is missing) the one Evaluator scores every pretrained dataset's EMT question (strict
+// scorer) and the CLIP zero-shot baseline on opts.check_samples test images each, and writes
+// <cache_dir>/pretrain_report.json atomically: per dataset n, classes, chance, accuracy and Wilson 95% interval.
+// A reused model reads its report back.
+PretrainReport build_base_model(const RunConfig& cfg, const PretrainOptions& opts = {});
+// The report as the printout of `emt pretrain` shows it (one line per dataset).
+std::string format_base_checks(const PretrainReport& r);
 
 }  // namespace emt

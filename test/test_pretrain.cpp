@@ -1,0 +1,263 @@
+// The base-model recipe's generic instructions: colour naming, composites that show what their questions ask, and
+// the guarantee that no pretraining text is a study's prompt or answer (built-in datasets and one added in config).
+#include <catch2/catch.hpp>
+#include <emt/core/config.h>
+#include <emt/core/dataset.h>
+#include <emt/core/error.h>
+#include <emt/train/instructions.h>
+#include <emt/train/pretrain.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "test/helpers.h"
+
+namespace fs = std::filesystem;
+using namespace emt;
+
+namespace {
+
+void put_be32(std::ofstream& o, uint32_t v) {
+  for (int s = 24; s >= 0; s -= 8) o.put(static_cast<char>((v >> s) & 0xff));
+}
+
+// IDX files of n 28x28 images: a bright blob on a dark background, label i % classes.
+void write_idx(const fs::path& dir, const std::string& prefix, int n, int classes) {
+  fs::create_directories(dir);
+  std::ofstream img(dir / (prefix + "-images-idx3-ubyte"), std::ios::binary);
+  std::ofstream lab(dir / (prefix + "-labels-idx1-ubyte"), std::ios::binary);
+  put_be32(img, 0x00000803), put_be32(img, n), put_be32(img, 28), put_be32(img, 28);
+  put_be32(lab, 0x00000801), put_be32(lab, n);
+  for (int i = 0; i < n; ++i) {
+    const int c = i % classes;
+    for (int y = 0; y < 28; ++y)
+      for (int x = 0; x < 28; ++x) img.put(static_cast<char>(std::abs(x - 8 - c) < 5 && std::abs(y - 14) < 8 ? 230 : 10));
+    lab.put(static_cast<char>(c));
+  }
+}
+
+// The four built-in datasets (their own configs, small copies on disk) plus one added in config with its own
+// prompt and answer.
+RunConfig world_config(const std::string& dir) {
+  write_idx(fs::path(dir) / "mnist", "train", 100, 10);
+  write_idx(fs::path(dir) / "mnist", "t10k", 20, 10);
+  std::ofstream(fs::path(dir) / "mnist/classes.txt") << "0\n1\n2\n3\n4\n5\n6\n7\n8\n9\n";
+  write_idx(fs::path(dir) / "fashion-mnist", "train", 100, 10);
+  write_idx(fs::path(dir) / "fashion-mnist", "t10k", 20, 10);
+  prepare_synthetic("shapes10", dir + "/synthetic/shapes10", 100, 20);
+  prepare_synthetic("objects60", dir + "/synthetic/objects60", 120, 60);
+  write_idx(fs::path(dir) / "tools", "train", 60, 3);
+  write_idx(fs::path(dir) / "tools", "t10k", 12, 3);
+  RunConfig cfg;
+  cfg.data.root = dir;
+  cfg.data.datasets = builtin_dataset_configs();
+  DatasetConfig tools;
+  tools.format = "idx";
+  tools.path = "tools";
+  tools.class_names = {"hammer", "wrench", "saw"};
+  tools.prompt = "Which tool is shown? Reply with one of {labels}.";
+  tools.answer = "It is the {label}.";
+  cfg.data.datasets["tools"] = tools;
+  cfg.pretrain.train_max_samples = 60;
+  return cfg;
+}
+
+std::vector<std::pair<std::string, std::vector<std::string>>> class_lists(const std::vector<PretrainSource>& srcs) {
+  std::vector<std::pair<std::string, std::vector<std::string>>> out;
+  for (const auto& s : srcs) out.emplace_back(s.name, s.train->class_names());
+  return out;
+}
+
+// Pool images: a white 10x10 square on black, 28x28 grey.
+std::shared_ptr<ImageDataset> square_pool(int64_t n) {
+  auto imgs = torch::zeros({n, 28, 28, 1}, torch::kUInt8);
+  imgs.slice(1, 9, 19).slice(2, 9, 19).fill_(255);
+  std::vector<int64_t> labels;
+  for (int64_t i = 0; i < n; ++i) labels.push_back(i % 2);
+  return make_memory_dataset(imgs, labels, {"square", "block"}, "squares");
+}
+
+// Which quadrants of a composite hold foreground (bright) pixels.
+std::set<int> lit_quadrants(const torch::Tensor& img) {
+  std::set<int> q;
+  for (int c = 0; c < 4; ++c) {
+    auto part = img.slice(0, (c / 2) * 14, (c / 2) * 14 + 14).slice(1, (c % 2) * 14, (c % 2) * 14 + 14);
+    if (part.to(torch::kFloat).max().item<float>() > 128) q.insert(c);
+  }
+  return q;
+}
+
+}  // namespace
+
+TEST_CASE("foreground_colour names the colour of the drawn object, not of the background", "[pretrain]") {
+  auto img = torch::full({28, 28, 3}, 128, torch::kUInt8);  // grey background
+  auto put = [&](int r, int g, int b) {
+    img.slice(0, 8, 20).slice(1, 8, 20).select(2, 0).fill_(r);
+    img.slice(0, 8, 20).slice(1, 8, 20).select(2, 1).fill_(g);
+    img.slice(0, 8, 20).slice(1, 8, 20).select(2, 2).fill_(b);
+    return foreground_colour(img);
+  };
+  CHECK(put(230, 20, 20) == "red");
+  CHECK(put(240, 130, 20) == "orange");
+  CHECK(put(230, 230, 30) == "yellow");
+  CHECK(put(20, 200, 40) == "green");
+  CHECK(put(30, 60, 230) == "blue");
+  CHECK(put(150, 40, 220) == "purple");
+  CHECK(put(250, 250, 250) == "white");
+  CHECK(put(5, 5, 5) == "black");
+  auto grey = torch::zeros({28, 28, 1}, torch::kUInt8);
+  grey.slice(0, 5, 20).slice(1, 10, 14).fill_(255);
+  CHECK(foreground_colour(grey) == "white");  // an MNIST-like stroke
+  CHECK_THROWS(foreground_colour(torch::zeros({28, 28}, torch::kUInt8)));
+}
+
+TEST_CASE("instruction sets are deterministic, mix every kind, and composites show what they ask", "[pretrain]") {
+  auto pool = square_pool(400);
+  InstructionDataset set(pool, InstructionOptions{false, false, 7});
+  InstructionDataset again(pool, InstructionOptions{false, false, 7});
+  InstructionDataset other(pool, InstructionOptions{false, false, 8});
+  std::map<InstructionKind, int> kinds;
+  int differs = 0, checked_counts = 0, checked_positions = 0;
+  // Options are written in one of several surface forms; the answer copies the form the list offers.
+  const std::vector<std::vector<std::string>> positions = {{"top left", "upper left", "top-left corner"},
+                                                           {"top right", "upper right", "top-right corner"},
+                                                           {"bottom left", "lower left", "bottom-left corner"},
+                                                           {"bottom right", "lower right", "bottom-right corner"}};
+  const std::vector<std::vector<std::string>> counts = {{"one", "just one", "a single one"},
+                                                        {"two", "a pair", "exactly two"},
+                                                        {"three", "exactly three", "three of them"},
+                                                        {"four", "exactly four", "four of them"}};
+  auto which = [](const std::vector<std::vector<std::string>>& forms, const std::string& a) {
+    for (size_t k = 0; k < forms.size(); ++k)
+      if (std::find(forms[k].begin(), forms[k].end(), a) != forms[k].end()) return static_cast<int>(k);
+    return -1;
+  };
+  const std::vector<std::string> white = {"white", "whitish", "white-coloured"};
+  for (int64_t i = 0; i < set.size(); ++i) {
+    auto t = set.text(i);
+    REQUIRE(t == again.text(i));
+    differs += t != other.text(i);
+    ++kinds[set.kind(i)];
+    CHECK(set.label(i) == pool->label(i));
+    const std::string answer = t.second.substr(0, t.second.size() - 1);  // without the final "."
+    if (set.kind(i) == InstructionKind::count) {
+      const int n = which(counts, answer);
+      REQUIRE(n >= 0);
+      CHECK(lit_quadrants(set.image(i)).size() == static_cast<size_t>(n + 1));
+      CHECK(t.first.find(answer) != std::string::npos);  // the right option is offered
+      ++checked_counts;
+    } else if (set.kind(i) == InstructionKind::position) {
+      const int cell = which(positions, answer);
+      REQUIRE(cell >= 0);
+      CHECK(t.first.find(answer) != std::string::npos);
+      CHECK(lit_quadrants(set.image(i)) == std::set<int>{cell});
+      ++checked_positions;
+    } else if (set.kind(i) == InstructionKind::pick) {
+      const std::string& own = pool->class_names()[static_cast<size_t>(pool->label(i))];
+      CHECK(answer == own);
+      CHECK(t.first.find(own) != std::string::npos);
+      // the pool's other class is never offered beside it
+      CHECK(t.first.find(own == "square" ? "block" : "square") == std::string::npos);
+    } else if (set.kind(i) == InstructionKind::choice) {
+      CHECK(t.first.find(answer) != std::string::npos);
+      // exactly one true option: the image's colour (white) is offered only when it is the answer
+      if (which({white}, answer) < 0) CHECK(t.first.find("whit") == std::string::npos);
+    } else if (set.kind(i) == InstructionKind::colour) {
+      CHECK(which({white}, answer) == 0);
+      CHECK(t.first.find(answer) != std::string::npos);
+    } else if (set.kind(i) == InstructionKind::yes_no) {
+      CHECK((t.second == "Yes." || t.second == "No."));
+      const std::string& own = pool->class_names()[static_cast<size_t>(pool->label(i))];
+      const bool names_own = t.first.find(" " + own + "?") != std::string::npos;
+      CHECK(names_own == (t.second == "Yes."));
+    } else if (set.kind(i) == InstructionKind::caption || set.kind(i) == InstructionKind::short_answer) {
+      CHECK(t.second.find(pool->class_names()[static_cast<size_t>(pool->label(i))]) != std::string::npos);
+      CHECK(torch::equal(set.image(i), pool->image(i)));
+    }
+  }
+  CHECK(kinds.size() == 9);
+  CHECK(checked_counts > 10);
+  CHECK(checked_positions > 10);
+  CHECK(differs > 200);  // the seed changes the instructions
+
+  InstructionDataset captions(pool, InstructionOptions{true, false, 7});
+  for (int64_t i = 0; i < 50; ++i) CHECK(captions.kind(i) == InstructionKind::caption);
+}
+
+TEST_CASE("no pretraining text contains a study prompt or answer (built-in datasets and one added in config)",
+          "[pretrain]") {
+  const std::string dir = emt_test::scratch_dir("pretrain_texts");
+  RunConfig cfg = world_config(dir);
+  const auto srcs = pretrain_sources(cfg);
+  REQUIRE(srcs.size() == 5);
+  const auto forbidden = study_texts(cfg, class_lists(srcs));
+  // What is forbidden includes each EMT question, the fine-tuning question and answers, the custom dataset's texts.
+  auto has = [&](const std::string& s) { return std::find(forbidden.begin(), forbidden.end(), s) != forbidden.end(); };
+  CHECK(has("What is the object in the image?"));
+  CHECK(has("What is the number in the image? Please only answer a single number in 0, 1, 2, 3, 4, 5, 6, 7, 8, 9."));
+  CHECK(has("The object is a(n) "));
+  CHECK(has("The object is a(n) Ankle boot."));
+  CHECK(has("Which tool is shown? Reply with one of hammer, wrench, saw."));
+  CHECK(has("It is the wrench."));
+  CHECK(has("hammer, wrench, saw"));
+  size_t samples = 0;
+  for (bool captions_only : {true, false}) {
+    const auto sets = pretrain_language_sets(cfg, srcs, captions_only);
+    REQUIRE(sets.size() == srcs.size());
+    for (const auto& set : sets) {
+      INFO(set->name());
+      CHECK(study_text_leaks(*set, forbidden, class_lists(srcs)).empty());
+      samples += static_cast<size_t>(set->size());
+      // Labels still appear: captions name the class, which is how the base model learns its words.
+      bool named = false;
+      for (int64_t i = 0; i < set->size() && !named; ++i) {
+        const auto& cls = set->class_names()[static_cast<size_t>(set->label(i))];
+        named = set->text(i).second.find(cls) != std::string::npos;
+      }
+      CHECK(named);
+    }
+  }
+  CHECK(samples == 2 * 5 * 60);
+
+  SECTION("the check catches a leak") {
+    // An instruction set that asks the EMT question (what the old recipe did) is reported.
+    class EmtAsker : public ImageDataset {
+     public:
+      explicit EmtAsker(std::shared_ptr<ImageDataset> d, std::string q) : d_(std::move(d)), q_(std::move(q)) {
+        set_class_names(d_->class_names());
+      }
+      int64_t size() const override { return d_->size(); }
+      int64_t label(int64_t i) const override { return d_->label(i); }
+      torch::Tensor image(int64_t i) const override { return d_->image(i); }
+      bool has_text() const override { return true; }
+      std::pair<std::string, std::string> text(int64_t i) const override { return {q_, "A photo."}; }
+
+     private:
+      std::shared_ptr<ImageDataset> d_;
+      std::string q_;
+    };
+    const auto& shapes = srcs[3];
+    REQUIRE(shapes.name == "shapes10");
+    EmtAsker bad(shapes.train, dataset_question("shapes10", cfg.data.datasets.at("shapes10"), shapes.train->class_names()));
+    CHECK(study_text_leaks(bad, forbidden).size() == static_cast<size_t>(bad.size()));
+    // A list holding two labels of one dataset (part of a study's list) is reported too.
+    EmtAsker two(shapes.train, "Which of these words fits the picture? Choose one of: apple, star, heart.");
+    CHECK(study_text_leaks(two, forbidden).empty());
+    const auto listed = study_text_leaks(two, forbidden, class_lists(srcs));
+    REQUIRE(listed.size() == static_cast<size_t>(two.size()));
+    CHECK_THAT(listed[0], Catch::Contains("lists star, heart of 'shapes10'") || Catch::Contains("lists heart, star"));
+    EmtAsker one(shapes.train, "Which of these words fits the picture? Choose one of: apple, red star, heart.");
+    CHECK(study_text_leaks(one, forbidden, class_lists(srcs)).empty());  // "red star" is objects60's, not "star"
+  }
+  SECTION("a study answer that equals a generic text is refused before any training") {
+    cfg.data.datasets["tools"].answer = "{label}.";  // what the recipe's short answers look like
+    try {
+      pretrain_language_sets(cfg, pretrain_sources(cfg), false);
+      FAIL("expected ConfigError");
+    } catch (const ConfigError& e) {
+      CHECK_THAT(e.what(), Catch::Contains("'tools'") && Catch::Contains("study prompt or answer"));
+    }
+  }
+}
