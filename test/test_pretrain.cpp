@@ -58,7 +58,7 @@ RunConfig world_config(const std::string& dir) {
   tools.path = "tools";
   tools.class_names = {"hammer", "wrench", "saw"};
   tools.prompt = "Which tool is shown? Reply with one of {labels}.";
-  tools.answer = "It is the {label}.";
+  tools.answer = "This tool is a {label}.";
   cfg.data.datasets["tools"] = tools;
   cfg.pretrain.train_max_samples = 60;
   return cfg;
@@ -125,8 +125,8 @@ TEST_CASE("instruction sets are deterministic, mix every kind, and composites sh
                                                            {"top right", "upper right", "top-right corner"},
                                                            {"bottom left", "lower left", "bottom-left corner"},
                                                            {"bottom right", "lower right", "bottom-right corner"}};
-  const std::vector<std::vector<std::string>> counts = {{"one", "just one", "a single one"},
-                                                        {"two", "a pair", "exactly two"},
+  const std::vector<std::vector<std::string>> counts = {{"one", "just one", "only one"},
+                                                        {"two", "two of them", "exactly two"},
                                                         {"three", "exactly three", "three of them"},
                                                         {"four", "exactly four", "four of them"}};
   auto which = [](const std::vector<std::vector<std::string>>& forms, const std::string& a) {
@@ -141,17 +141,22 @@ TEST_CASE("instruction sets are deterministic, mix every kind, and composites sh
     differs += t != other.text(i);
     ++kinds[set.kind(i)];
     CHECK(set.label(i) == pool->label(i));
-    const std::string answer = t.second.substr(0, t.second.size() - 1);  // without the final "."
+    // the answer word: without a sentence frame ("The answer is ...") and the final "."
+    std::string answer = t.second.substr(0, t.second.size() - 1);
+    for (const char* frame : {"The answer is ", "The colour is ", "The position is ", "The count is ",
+                              "The size is ", "It is an ", "It is a ", "The object in the picture is an ",
+                              "The object in the picture is a "})
+      if (answer.rfind(frame, 0) == 0) answer = answer.substr(std::string(frame).size());
     if (set.kind(i) == InstructionKind::count) {
       const int n = which(counts, answer);
       REQUIRE(n >= 0);
       CHECK(lit_quadrants(set.image(i)).size() == static_cast<size_t>(n + 1));
-      CHECK(t.first.find(answer) != std::string::npos);  // the right option is offered
+      if (t.first.find(", ") != std::string::npos) CHECK(t.first.find(answer) != std::string::npos);  // offered
       ++checked_counts;
     } else if (set.kind(i) == InstructionKind::position) {
       const int cell = which(positions, answer);
       REQUIRE(cell >= 0);
-      CHECK(t.first.find(answer) != std::string::npos);
+      if (t.first.find(", ") != std::string::npos) CHECK(t.first.find(answer) != std::string::npos);
       CHECK(lit_quadrants(set.image(i)) == std::set<int>{cell});
       ++checked_positions;
     } else if (set.kind(i) == InstructionKind::pick) {
@@ -166,21 +171,36 @@ TEST_CASE("instruction sets are deterministic, mix every kind, and composites sh
       if (which({white}, answer) < 0) CHECK(t.first.find("whit") == std::string::npos);
     } else if (set.kind(i) == InstructionKind::colour) {
       CHECK(which({white}, answer) == 0);
-      CHECK(t.first.find(answer) != std::string::npos);
+      if (t.first.find(", ") != std::string::npos) CHECK(t.first.find(answer) != std::string::npos);
     } else if (set.kind(i) == InstructionKind::yes_no) {
-      CHECK((t.second == "Yes." || t.second == "No."));
+      CHECK((t.second == "Yes." || t.second == "No." || t.second == "Yes, it is." || t.second == "No, it is not."));
       const std::string& own = pool->class_names()[static_cast<size_t>(pool->label(i))];
       const bool names_own = t.first.find(" " + own + "?") != std::string::npos;
-      CHECK(names_own == (t.second == "Yes."));
+      CHECK(names_own == (t.second.rfind("Yes", 0) == 0));
     } else if (set.kind(i) == InstructionKind::caption || set.kind(i) == InstructionKind::short_answer) {
       CHECK(t.second.find(pool->class_names()[static_cast<size_t>(pool->label(i))]) != std::string::npos);
       CHECK(torch::equal(set.image(i), pool->image(i)));
     }
   }
-  CHECK(kinds.size() == 9);
+  CHECK(kinds.size() == 9);  // every kind but copy
   CHECK(checked_counts > 10);
   CHECK(checked_positions > 10);
   CHECK(differs > 200);  // the seed changes the instructions
+
+  // With a word list, some questions ask to write words of the language back.
+  InstructionOptions wo{false, false, 7};
+  wo.words = {"alpha", "beta", "gamma"};
+  InstructionDataset writing(pool, wo);
+  int copies = 0;
+  for (int64_t i = 0; i < writing.size(); ++i) {
+    if (writing.kind(i) != InstructionKind::copy) continue;
+    auto [q, a] = writing.text(i);
+    CHECK(q.size() > a.size());
+    CHECK(q.substr(q.size() - a.size()) == a);  // the answer is the words the question gives
+    ++copies;
+  }
+  CHECK(copies > 10);
+  CHECK(kinds.count(InstructionKind::copy) == 0);  // no words, no copy questions
 
   InstructionDataset captions(pool, InstructionOptions{true, false, 7});
   for (int64_t i = 0; i < 50; ++i) CHECK(captions.kind(i) == InstructionKind::caption);
@@ -200,7 +220,7 @@ TEST_CASE("no pretraining text contains a study prompt or answer (built-in datas
   CHECK(has("The object is a(n) "));
   CHECK(has("The object is a(n) Ankle boot."));
   CHECK(has("Which tool is shown? Reply with one of hammer, wrench, saw."));
-  CHECK(has("It is the wrench."));
+  CHECK(has("This tool is a wrench."));
   CHECK(has("hammer, wrench, saw"));
   size_t samples = 0;
   for (bool captions_only : {true, false}) {

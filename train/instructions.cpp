@@ -94,8 +94,9 @@ std::string render_options(Draw& d, std::vector<std::string>& opts, const std::s
     m["top right"] = {"top right", "upper right", "top-right corner"};
     m["bottom left"] = {"bottom left", "lower left", "bottom-left corner"};
     m["bottom right"] = {"bottom right", "lower right", "bottom-right corner"};
-    m["one"] = {"one", "just one", "a single one"};
-    m["two"] = {"two", "a pair", "exactly two"};
+    // No form starts with an article or says "single": "It is a ..." and "a single object" belong to other texts.
+    m["one"] = {"one", "just one", "only one"};
+    m["two"] = {"two", "two of them", "exactly two"};
     m["three"] = {"three", "exactly three", "three of them"};
     m["four"] = {"four", "exactly four", "four of them"};
     m["large"] = {"large", "big", "full size"};
@@ -147,7 +148,7 @@ Fact attribute_fact(InstructionKind k, const std::string& colour, Draw& d) {
       d.shuffle(cells);
       cells.resize(static_cast<size_t>(n));
       std::sort(cells.begin(), cells.end());
-      f = {cells, count_words()[static_cast<size_t>(n - 1)], "number", count_words(), {colour, "small"}};
+      f = {cells, count_words()[static_cast<size_t>(n - 1)], "count", count_words(), {colour, "small"}};
       break;
     }
     default: {
@@ -160,8 +161,7 @@ Fact attribute_fact(InstructionKind k, const std::string& colour, Draw& d) {
   return f;
 }
 
-std::string attribute_lead(InstructionKind k, Draw& d, const std::string& thing, const std::string& things) {
-  const bool first = d.below(2) == 0;
+std::string attribute_lead(InstructionKind k, bool first, const std::string& thing, const std::string& things) {
   switch (k) {
     case InstructionKind::colour:
       return first ? "What colour is the " + thing + " in the picture?" : "Which colour does the " + thing + " have?";
@@ -194,6 +194,7 @@ const char* instruction_kind_name(InstructionKind k) {
     case InstructionKind::size: return "size";
     case InstructionKind::choice: return "choice";
     case InstructionKind::pick: return "pick";
+    case InstructionKind::copy: return "copy";
   }
   return "?";
 }
@@ -272,8 +273,9 @@ InstructionKind InstructionDataset::kind(int64_t i) const {
   if (r < 53) return InstructionKind::position;
   if (r < 59) return InstructionKind::count;
   if (r < 62) return InstructionKind::size;
-  if (r < 80) return InstructionKind::choice;
-  return InstructionKind::pick;
+  if (r < 74) return InstructionKind::choice;
+  if (r < 92 || opts_.words.empty()) return InstructionKind::pick;
+  return InstructionKind::copy;
 }
 
 InstructionDataset::Plan InstructionDataset::plan(int64_t i) const {
@@ -294,17 +296,39 @@ InstructionDataset::Plan InstructionDataset::plan(int64_t i) const {
       p.question = d.pick(std::vector<std::string>{"Describe the image briefly.", "Write a short caption for this picture.",
                                                    "What does this picture show? Answer in a few words."});
       p.answer = dig ? d.pick(std::vector<std::string>{"A handwritten digit " + label + ".",
-                                                       "The digit " + label + ", written by hand."})
+                                                       "The digit " + label + ", written by hand.",
+                                                       "This is a picture of the digit " + label + "."})
                      : d.pick(std::vector<std::string>{"A picture of " + named(label) + ".",
-                                                       capitalised(named(label)) + "."});
+                                                       capitalised(named(label)) + ".",
+                                                       "This is a picture of " + named(label) + "."});
       break;
     case InstructionKind::short_answer:
-      p.question = dig ? d.pick(std::vector<std::string>{"Which digit is written here? Answer with the digit only.",
-                                                         "Read the handwritten digit."})
-                       : d.pick(std::vector<std::string>{"Name the thing in the picture in one or two words.",
-                                                         "What do you see? Answer with a short phrase."});
-      p.answer = label + ".";
+    case InstructionKind::pick: {
+      // The same leads with and without an option list, answered alike: a list is a constraint on the answer,
+      // not another task. "pick" offers the image's own name among things it is not: everyday nouns no study uses
+      // and at most one label of each other dataset; never two labels of one dataset, so no study's list, or part
+      // of one, is ever practised.
+      const int64_t li = d.below(4);
+      const std::string lead =
+          dig ? std::vector<std::string>{"Which digit is written here?", "What number does the picture show?",
+                                         "Which number is written here?", "Read the handwritten digit."}[li]
+              : std::vector<std::string>{"What does the picture show?", "What can you see in the image?",
+                                         "Which thing is in the picture?", "Name the thing in the picture."}[li];
+      if (p.kind == InstructionKind::pick) {
+        std::vector<std::string> others = opts_.distractors;
+        for (const auto& list : opts_.other_labels)
+          if (!list.empty() && d.below(3) == 0) others.push_back(d.pick(list));
+        p.question = choice_question(d, lead, thing, options(d, label, others, 2 + d.below(7)));
+      } else {
+        p.question = lead;
+      }
+      // Each lead has its own answer form, with or without a list: the question, not the list, sets the form.
+      const std::string named_label = dig ? label : named(label);
+      p.answer = std::vector<std::string>{label + ".", "It is " + (dig ? "the digit " + label : named_label) + ".",
+                                          "The " + thing + " in the picture is " + named_label + ".",
+                                          "The answer is " + label + "."}[li];
       break;
+    }
     case InstructionKind::yes_no: {
       const bool yes = d.below(2) == 0 || class_names().size() < 2;
       std::string x = label;
@@ -315,7 +339,7 @@ InstructionDataset::Plan InstructionDataset::plan(int64_t i) const {
       }
       p.question = d.below(2) == 0 ? "Is this " + named(x) + "? Answer yes or no."
                                    : "Does the picture show " + named(x) + "? Please answer yes or no.";
-      p.answer = yes ? "Yes." : "No.";
+      p.answer = d.below(2) == 0 ? (yes ? "Yes." : "No.") : (yes ? "Yes, it is." : "No, it is not.");
       break;
     }
     case InstructionKind::colour:
@@ -324,23 +348,27 @@ InstructionDataset::Plan InstructionDataset::plan(int64_t i) const {
     case InstructionKind::size: {
       Fact f = attribute_fact(p.kind, colour_words()[colour_[static_cast<size_t>(i)]], d);
       p.cells = f.cells;
+      const bool first = d.below(2) == 0;  // the first lead is answered with the word, the second in a sentence
+      const std::string lead = attribute_lead(p.kind, first, thing, things);
+      auto form = [&](const std::string& w) { return first ? w + "." : "The " + f.kind_word + " is " + w + "."; };
+      if (d.below(10) < 3) {  // an open question, answered with the plain word
+        p.question = lead;
+        p.answer = form(f.word);
+        break;
+      }
       auto opts = options(d, f.word, f.vocab, 1 + d.below(static_cast<int64_t>(f.vocab.size()) - 1));
-      p.answer = render_options(d, opts, f.word) + ".";
-      p.question = choice_question(d, attribute_lead(p.kind, d, thing, things), f.kind_word, opts);
+      p.answer = form(render_options(d, opts, f.word));
+      p.question = choice_question(d, lead, f.kind_word, opts);
       break;
     }
-    case InstructionKind::pick: {
-      // The image's own name among things it is not: everyday nouns no study uses, and at most one label of each
-      // other dataset. Never two labels of one dataset, so no study's list, or part of one, is ever practised.
-      std::vector<std::string> others = opts_.distractors;
-      for (const auto& list : opts_.other_labels)
-        if (!list.empty() && d.below(3) == 0) others.push_back(d.pick(list));
-      auto opts = options(d, label, others, 2 + d.below(7));
-      const std::string lead = d.pick(std::vector<std::string>{
-          "Which of these words fits the picture?", "Pick the word that matches the image.",
-          "Which option describes the picture?", "Look at the image and choose the right word."});
-      p.question = choice_question(d, lead, "word", opts);
-      p.answer = label + ".";
+    case InstructionKind::copy: {
+      // Writing: a few words of the language in random order, repeated. A stand-in for the text pretraining of a
+      // real LLM, which can write every word of its tokenizer's language; random order never forms a sentence.
+      std::vector<std::string> w;
+      for (int64_t k = 0, n = 2 + d.below(5); k < n; ++k) w.push_back(d.pick(opts_.words));
+      p.question = d.pick(std::vector<std::string>{"Repeat these words:", "Write these words again:",
+                                                   "Copy the following words:"}) + " " + join(w, " ") + ".";
+      p.answer = join(w, " ") + ".";
       break;
     }
     case InstructionKind::choice: {
@@ -354,10 +382,12 @@ InstructionDataset::Plan InstructionDataset::plan(int64_t i) const {
         for (const auto& w : *v)
           if (w != f.word && std::find(f.also_true.begin(), f.also_true.end(), w) == f.also_true.end()) vocab.push_back(w);
       auto opts = options(d, f.word, vocab, 3 + d.below(7));
-      p.answer = render_options(d, opts, f.word) + ".";
-      const std::string lead = d.pick(std::vector<std::string>{
+      const std::string word = render_options(d, opts, f.word);
+      const int64_t li = d.below(4);
+      p.answer = li % 2 == 0 ? word + "." : "The answer is " + word + ".";
+      const std::string lead = std::vector<std::string>{
           "Which of these words fits the picture?", "Pick the word that matches the image.",
-          "Which option describes the picture?", "Look at the image and choose the right word."});
+          "Which option describes the picture?", "Look at the image and choose the right word."}[li];
       p.question = choice_question(d, lead, "word", opts);
       break;
     }

@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <chrono>
 #include <random>
+#include <set>
+#include <sstream>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -269,7 +271,7 @@ std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfi
       for (const auto& c : list) used = used || lowercase(c) == w;
     if (!used) nouns.push_back(w);
   }
-  for (size_t k = 0; k < srcs.size(); ++k) {
+  auto options_for = [&](size_t k) {
     InstructionOptions io;
     io.captions_only = captions_only;
     io.digits = srcs[k].digits;
@@ -277,6 +279,33 @@ std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfi
     io.distractors = nouns;
     for (size_t o = 0; o < srcs.size(); ++o)
       if (o != k) io.other_labels.push_back(srcs[o].train->class_names());
+    return io;
+  };
+  // The words of the language (what the tokenizer is trained on): the generic texts, the CLIP captions and the
+  // study's texts, split at spaces, without trailing punctuation. Copy questions draw from them.
+  std::set<std::string> words;
+  auto add_words = [&](const std::string& text) {
+    std::istringstream in(text);
+    for (std::string w; in >> w;) {
+      while (!w.empty() && std::string(".,?:;!").find(w.back()) != std::string::npos) w.pop_back();
+      if (!w.empty()) words.insert(w);
+    }
+  };
+  if (!captions_only) {
+    for (const auto& f : forbidden) add_words(f);
+    for (size_t k = 0; k < srcs.size(); ++k) {
+      InstructionDataset plain(srcs[k].train, options_for(k));
+      for (int64_t i = 0; i < plain.size(); ++i) {
+        auto [q, a] = plain.text(i);
+        add_words(q);
+        add_words(a);
+      }
+      for (const auto& c : srcs[k].train->class_names()) add_words("a photo of a " + c + ".");
+    }
+  }
+  for (size_t k = 0; k < srcs.size(); ++k) {
+    InstructionOptions io = options_for(k);
+    io.words.assign(words.begin(), words.end());
     auto set = std::make_shared<InstructionDataset>(srcs[k].train, io);
     // The base model must never practise what a study asks or trains: refuse a recipe that would.
     auto leaks = study_text_leaks(*set, forbidden, names);

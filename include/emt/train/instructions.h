@@ -14,7 +14,7 @@
 
 namespace emt {
 
-enum class InstructionKind { caption, short_answer, yes_no, colour, position, count, size, choice, pick };
+enum class InstructionKind { caption, short_answer, yes_no, colour, position, count, size, choice, pick, copy };
 const char* instruction_kind_name(InstructionKind k);
 
 // Which instructions a set holds: stage (b) aligns the projector on captions only; stage (c) mixes every kind.
@@ -26,6 +26,9 @@ struct InstructionOptions {
   // recipe drops any that a dataset uses as a label) and at most one label of each other dataset.
   std::vector<std::string> distractors;
   std::vector<std::vector<std::string>> other_labels;
+  // "copy" questions repeat a few of these words in random order (empty = no copy questions): the recipe passes
+  // every word of the tokenizer's corpus, so the LLM can write each word of its language, as a real LLM can.
+  std::vector<std::string> words;
 };
 
 // Forty everyday nouns (apple, car, chair, ...) that the built-in datasets do not use as labels.
