@@ -50,13 +50,13 @@ RunConfig world_config(const std::string& dir) {
   prepare_synthetic("objects60", dir + "/synthetic/objects60", 120, 60);
   write_idx(fs::path(dir) / "tools", "train", 60, 3);
   write_idx(fs::path(dir) / "tools", "t10k", 12, 3);
+  std::ofstream(fs::path(dir) / "tools/classes.txt") << "hammer\nwrench\nsaw\n";
   RunConfig cfg;
   cfg.data.root = dir;
   cfg.data.datasets = builtin_dataset_configs();
   DatasetConfig tools;
   tools.format = "idx";
   tools.path = "tools";
-  tools.class_names = {"hammer", "wrench", "saw"};
   tools.prompt = "Which tool is shown? Reply with one of {labels}.";
   tools.answer = "This tool is a {label}.";
   cfg.data.datasets["tools"] = tools;
