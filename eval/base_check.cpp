@@ -55,8 +55,7 @@ PretrainReport parse_report(PretrainReport r, const std::string& path) {
 // Scores the built model with the study's own evaluator, restricted to the pretrained datasets.
 void closing_check(const RunConfig& cfg, const PretrainOptions& opts, PretrainReport& rep) {
   RunConfig c = cfg;
-  c.eval.datasets.clear();
-  for (const auto& s : cfg.pretrain.datasets) c.eval.datasets.push_back(s);
+  c.eval.datasets = cfg.pretrain.datasets;  // empty = all, as the recipe
   c.eval.max_samples = opts.check_samples;
   c.eval.scorers = {"strict"};
   c.eval.primary_scorer = "strict";

@@ -260,6 +260,11 @@ InstructionDataset::InstructionDataset(std::shared_ptr<ImageDataset> pool, Instr
   }
 }
 
+InstructionDataset::InstructionDataset(const InstructionDataset& like, std::vector<std::string> words)
+    : InstructionDataset(like) {
+  opts_.words = std::move(words);
+}
+
 InstructionKind InstructionDataset::kind(int64_t i) const {
   if (opts_.captions_only) return InstructionKind::caption;
   // Shares out of 100: captions and short answers teach label words; yes/no ties them to the image; attribute

@@ -77,7 +77,6 @@ std::string lowercase(std::string s) {
   return s;
 }
 
-
 // Contrastive image-text loss against the caption of every class of the image's own dataset: each image must pick
 // its class caption among its dataset's captions (CLIP's loss with the batch's captions replaced by that label
 // space, as zero-shot classification asks it). Same-class images in a batch are never false negatives, and
@@ -291,12 +290,13 @@ std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfi
       if (!w.empty()) words.insert(w);
     }
   };
+  std::vector<InstructionDataset> plain;  // without copy questions
+  for (size_t k = 0; k < srcs.size(); ++k) plain.emplace_back(srcs[k].train, options_for(k));
   if (!captions_only) {
     for (const auto& f : forbidden) add_words(f);
     for (size_t k = 0; k < srcs.size(); ++k) {
-      InstructionDataset plain(srcs[k].train, options_for(k));
-      for (int64_t i = 0; i < plain.size(); ++i) {
-        auto [q, a] = plain.text(i);
+      for (int64_t i = 0; i < plain[k].size(); ++i) {
+        auto [q, a] = plain[k].text(i);
         add_words(q);
         add_words(a);
       }
@@ -304,9 +304,7 @@ std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfi
     }
   }
   for (size_t k = 0; k < srcs.size(); ++k) {
-    InstructionOptions io = options_for(k);
-    io.words.assign(words.begin(), words.end());
-    auto set = std::make_shared<InstructionDataset>(srcs[k].train, io);
+    auto set = std::make_shared<InstructionDataset>(plain[k], std::vector<std::string>(words.begin(), words.end()));
     // The base model must never practise what a study asks or trains: refuse a recipe that would.
     auto leaks = study_text_leaks(*set, forbidden, names);
     if (!leaks.empty())

@@ -45,6 +45,8 @@ std::string foreground_colour(const torch::Tensor& hwc_uint8);
 class InstructionDataset : public ImageDataset {
  public:
   InstructionDataset(std::shared_ptr<ImageDataset> pool, InstructionOptions opts);
+  // The same pool and options with copy questions over `words`, reusing `like`'s colours (no image decoded).
+  InstructionDataset(const InstructionDataset& like, std::vector<std::string> words);
   int64_t size() const override { return pool_->size(); }
   int64_t label(int64_t i) const override { return pool_->label(i); }
   torch::Tensor image(int64_t i) const override;
