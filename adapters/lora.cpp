@@ -1,5 +1,6 @@
 // LoRA injection into emt::Linear layers of any module tree, PEFT's target/pattern matching, merge/unmerge.
 #include <emt/adapters/lora.h>
+#include <fmt/format.h>
 #include <emt/core/error.h>
 #include <torch/torch.h>
 
@@ -72,44 +73,33 @@ std::vector<std::pair<std::string, LinearImpl*>> lora_layers(torch::nn::Module& 
   return out;
 }
 
-void check_lora_config(const LoraConfig& cfg) {
-  std::vector<std::string> problems;
-  if (cfg.r <= 0) problems.push_back("r must be positive (got " + std::to_string(cfg.r) + ")");
-  if (!(cfg.alpha > 0.0)) problems.push_back("alpha must be positive (got " + std::to_string(cfg.alpha) + ")");
-  if (cfg.dropout < 0.0 || cfg.dropout >= 1.0)
-    problems.push_back("dropout must be in [0, 1) (got " + std::to_string(cfg.dropout) + ")");
-  if (cfg.init != "kaiming" && cfg.init != "gaussian")
-    problems.push_back("init must be kaiming or gaussian (got '" + cfg.init + "')");
-  if (cfg.target_regex.empty() && cfg.target_modules.empty())
-    problems.push_back("target_modules is empty and target_regex is not set");
-  if (!cfg.target_regex.empty()) {
-    try {
-      std::regex re(cfg.target_regex);
-    } catch (const std::regex_error& e) {
-      problems.push_back("target_regex '" + cfg.target_regex + "' is not a valid regex (" + e.what() + ")");
-    }
-  }
-  for (const auto& kv : cfg.rank_pattern)
-    if (kv.second <= 0)
-      problems.push_back("rank_pattern['" + kv.first + "'] must be positive (got " + std::to_string(kv.second) + ")");
-  for (const auto& kv : cfg.alpha_pattern)
-    if (!(kv.second > 0.0))
-      problems.push_back("alpha_pattern['" + kv.first + "'] must be positive (got " + std::to_string(kv.second) +
-                         ")");
-  if (!problems.empty()) {
-    std::string msg = "[lora] invalid finetune.lora settings:";
-    for (const auto& p : problems) msg += "\n  finetune.lora." + p;
-    throw ConfigError(msg);
-  }
+namespace {
+// What building LoRA layers needs. The config loader (validate_config) has already checked every
+// finetune.lora key by name; a LoraConfig that breaks these was built by hand and is rejected here, once.
+void assert_lora_invariants(const LoraConfig& cfg) {
+  if (cfg.r <= 0 || !(cfg.alpha > 0.0) || !(cfg.dropout >= 0.0 && cfg.dropout < 1.0) ||
+      (cfg.target_modules.empty() && cfg.target_regex.empty()))
+    throw ConfigError(fmt::format("[lora] LoraConfig breaks its invariants (finetune.lora.r {} > 0, alpha {} > 0, "
+                                  "dropout {} in [0, 1), {} target_modules or a target_regex); validate_config() "
+                                  "names the bad keys",
+                                  cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules.size()));
 }
+}  // namespace
 
 std::vector<std::string> select_lora_targets(torch::nn::Module& root, const LoraConfig& cfg,
                                              const std::vector<std::string>& scope) {
-  check_lora_config(cfg);
+  assert_lora_invariants(cfg);
   const bool all_linear = cfg.target_regex.empty() && cfg.target_modules.size() == 1 &&
                           cfg.target_modules[0] == "all-linear";
   std::regex target_re;
-  if (!cfg.target_regex.empty()) target_re = std::regex(cfg.target_regex);
+  if (!cfg.target_regex.empty()) {
+    try {
+      target_re = std::regex(cfg.target_regex);
+    } catch (const std::regex_error& e) {
+      throw ConfigError("[lora] finetune.lora.target_regex '" + cfg.target_regex + "' is not a valid regex (" +
+                        e.what() + ")");
+    }
+  }
   std::vector<std::string> out;
   for (const auto& [path, lin] : linear_layers(root)) {
     (void)lin;

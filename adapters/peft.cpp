@@ -94,7 +94,7 @@ std::set<std::string> select_by_regex(const std::vector<std::string>& paths, con
 // The target_modules value (list or regex) that makes PEFT pick exactly `adapted` among `all_paths` (both in
 // the file's key style), preferring the user's own form. Also returns the exclude list to write.
 std::pair<json, json> peft_targets(const LoraConfig& cfg, const std::vector<std::string>& all_paths,
-                                   const std::set<std::string>& adapted, KeyStyle style) {
+                                   const std::set<std::string>& adapted) {
   const bool all_linear = cfg.target_regex.empty() && cfg.target_modules.size() == 1 &&
                           cfg.target_modules[0] == "all-linear";
   if (cfg.target_regex.empty() && !all_linear) {
@@ -114,7 +114,9 @@ std::pair<json, json> peft_targets(const LoraConfig& cfg, const std::vector<std:
   }
   if (!cfg.target_regex.empty() && select_by_regex(all_paths, cfg.target_regex) == adapted)
     return {json(cfg.target_regex), json(nullptr)};
-  // Compact form: <common root of the adapted layers>.*.(leaf names).
+  // Compact form: .*<root>.*.(leaf names), <root> the llava-hf top module of every adapted layer. The leading
+  // ".*" makes it match in both key styles (`language_model.model.*` and `model.language_model.*`), so PEFT
+  // selects the same layers on transformers before and after 4.52, whichever style the tensors are named in.
   std::set<std::string> leaves, roots;
   for (const auto& p : adapted) {
     leaves.insert(p.substr(p.rfind('.') + 1));
@@ -123,12 +125,12 @@ std::pair<json, json> peft_targets(const LoraConfig& cfg, const std::vector<std:
                        : under(old, "vision_tower")      ? "vision_tower"
                        : under(old, "multi_modal_projector") ? "multi_modal_projector"
                                                              : "";
-    roots.insert(root.empty() ? "" : path_to_style(root, style));
+    roots.insert(root);
   }
   if (roots.size() == 1 && !roots.begin()->empty()) {
     std::string alt;
     for (const auto& l : leaves) alt += (alt.empty() ? "" : "|") + regex_escape(l);
-    std::string pattern = regex_escape(*roots.begin()) + "\\..*\\.(" + alt + ")";
+    std::string pattern = ".*" + regex_escape(*roots.begin()) + "\\..*\\.(" + alt + ")";
     if (select_by_regex(all_paths, pattern) == adapted) return {json(pattern), json(nullptr)};
   }
   std::string alt;
@@ -326,7 +328,6 @@ void save_lora_adapter(torch::nn::Module& model, const LoraConfig& cfg, const st
                        const LoraSaveOptions& opts) {
   KeyStyle style = parse_key_style(opts.key_style);
   if (!opts.dtype.empty()) parse_dtype(opts.dtype);
-  check_lora_config(cfg);
   auto layers = lora_layers(model);
   if (layers.empty()) throw ConfigError("[peft] save_lora_adapter: the model has no LoRA layers to save");
 
@@ -362,7 +363,9 @@ void save_lora_adapter(torch::nn::Module& model, const LoraConfig& cfg, const st
     auto it = modules.find(m);
     if (it == modules.end()) throw ConfigError("[peft] save_lora_adapter: modules_to_save '" + m + "' is not a module");
     if (modules_to_save.is_null()) modules_to_save = json::array();
-    modules_to_save.push_back(path_to_style(m, style));
+    // PEFT matches modules_to_save as a suffix of module paths: an old-style vision_tower.* or
+    // multi_modal_projector.* path is a suffix of its new-style one, so it selects the module in both trees.
+    modules_to_save.push_back(under(m, "language_model") ? path_to_style(m, style) : m);
     for (const auto& p : it->second->named_parameters(true)) {
       if (is_lora_parameter(p.key())) continue;
       tensors.emplace_back(kPeftPrefix + path_to_style(m + "." + p.key(), style), for_file(p.value(), opts.dtype));
@@ -375,7 +378,7 @@ void save_lora_adapter(torch::nn::Module& model, const LoraConfig& cfg, const st
 
   std::vector<std::string> all_paths;
   for (auto& p : linear_layers(model)) all_paths.push_back(path_to_style(p.first, style));
-  auto [targets, exclude] = peft_targets(cfg, all_paths, adapted, style);
+  auto [targets, exclude] = peft_targets(cfg, all_paths, adapted);
 
   json j = {
       {"alpha_pattern", json::object()},

@@ -127,10 +127,10 @@ TrainableSetup apply_training_policy(torch::nn::Module& model, const TrainingPol
   out.policy = policy;
   const std::pair<ComponentMode, const char*> comps[] = {
       {policy.vision, kVisionRoot}, {policy.projector, kProjectorRoot}, {policy.llm, kLlmRoot}};
-  // Validate everything before touching the model.
-  bool any_lora = false;
-  for (const auto& c : comps) any_lora = any_lora || c.first == ComponentMode::Lora;
-  if (any_lora) check_lora_config(ft.lora);
+  // ft was validated by the config loader. LoRA targets are resolved (and LoRA's invariants asserted) before
+  // anything in the model changes.
+  for (const auto& [mode, root] : comps)
+    if (mode == ComponentMode::Lora) select_lora_targets(model, ft.lora, {std::string(root) + "."});
   const auto& pt = ft.prompt_tuning;
   torch::Tensor embed;
   if (policy.prompt) {

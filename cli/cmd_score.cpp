@@ -34,11 +34,47 @@ std::string clip_model_dir(const emt::RunConfig& cfg) {
   return fs::exists(d / "config.json") ? d.string() : std::string();
 }
 
+// Which cell a scored model belongs to, so that its rows sit in the study's grid (and `emt report` reads them).
+struct ScoredCell {
+  std::string finetune_dataset, method = "base";
+  int64_t seed = 0, epoch = 0;
+};
+
+// A checkpoint emt wrote (RUN/cells/<cell>/epoch_K) carries the training config: its fine-tuning dataset,
+// method and seed, and K from its name. Any other adapter directory becomes method "adapter" with the
+// directory's name as its fine-tuning dataset.
+ScoredCell scored_cell(const std::string& adapter, const emt::RunConfig& cfg) {
+  ScoredCell c;
+  if (adapter.empty()) return c;  // the base model: seed 0, epoch 0, as in a study
+  c.seed = cfg.run.seed;
+  const fs::path dir = fs::path(adapter).lexically_normal();
+  const std::string name = (dir.has_filename() ? dir : dir.parent_path()).filename().string();
+  if (name.rfind("epoch_", 0) == 0 && name.size() > 6 && name.find_first_not_of("0123456789", 6) == std::string::npos)
+    c.epoch = std::stoll(name.substr(6));
+  if (fs::exists(dir / "config.yaml")) {
+    auto trained = emt::load_config((dir / "config.yaml").string(), {});
+    c.finetune_dataset = trained.finetune.dataset;
+    c.method = trained.finetune.method;
+    c.seed = trained.run.seed;
+  }
+  if (c.finetune_dataset.empty()) {
+    c.method = "adapter";
+    c.finetune_dataset = c.epoch > 0 ? dir.parent_path().filename().string() : name;
+  }
+  return c;
+}
+
 emt::ResultRow row_of(const emt::DatasetScores& s, const std::string& scorer, const emt::ScoreCounts& c,
-                      const std::string& method, const std::string& run) {
+                      const ScoredCell& cell, const std::string& run) {
   emt::ResultRow r;
-  r.kind = scorer == "clip_zero_shot" ? "clip_zero_shot" : "mllm";
-  r.method = scorer == "clip_zero_shot" ? "clip" : method;
+  const bool clip = scorer == "clip_zero_shot";
+  r.kind = clip ? "clip_zero_shot" : "mllm";
+  r.method = clip ? "clip" : cell.method;
+  if (!clip) {
+    r.finetune_dataset = cell.finetune_dataset;
+    r.seed = cell.seed;
+    r.epoch = cell.epoch;
+  }
   r.eval_dataset = s.dataset;
   r.scorer = scorer;
   emt::set_counts(r, c);
@@ -49,8 +85,7 @@ emt::ResultRow row_of(const emt::DatasetScores& s, const std::string& scorer, co
 void run_score(const ScoreArgs& a) {
   auto cfg = emt::load_config(a.config, a.overrides);
   emt::set_log_level(emt::parse_log_level(cfg.run.log_level));
-  emt::set_threads(cfg.run.threads);
-  emt::seed_everything(static_cast<uint64_t>(cfg.run.seed));
+  emt::apply_run_section(cfg.run);
   const std::string out = a.out.empty() ? (fs::path(cfg.run.out_dir) / cfg.run.name / "score").string() : a.out;
 
   emt::Evaluator ev(cfg);  // opens the data first: a bad dataset fails before the model is loaded
@@ -74,14 +109,14 @@ void run_score(const ScoreArgs& a) {
   fs::create_directories(out);
   auto scores = ev.evaluate(m, (fs::path(out) / "predictions").string());
   std::vector<emt::ResultRow> rows;
-  const std::string method = a.adapter.empty() ? "base" : "adapter";
+  const ScoredCell cell = scored_cell(a.adapter, cfg);
   const std::string run = fs::path(out).lexically_normal().filename().string();
   for (const auto& s : scores)
-    for (const auto& [scorer, c] : s.by_scorer) rows.push_back(row_of(s, scorer, c, method, run));
+    for (const auto& [scorer, c] : s.by_scorer) rows.push_back(row_of(s, scorer, c, cell, run));
   if (clip.first && cfg.eval.clip_baseline) {
     auto zs = ev.clip_zero_shot(clip.first, *clip.second, emt::clip_image_options(clip_dir, clip.first), m.device);
     for (const auto& s : zs)
-      for (const auto& [scorer, c] : s.by_scorer) rows.push_back(row_of(s, scorer, c, method, run));
+      for (const auto& [scorer, c] : s.by_scorer) rows.push_back(row_of(s, scorer, c, cell, run));
   }
   std::string lines;
   for (const auto& r : rows) lines += emt::result_to_json_line(r) + "\n";

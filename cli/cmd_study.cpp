@@ -28,8 +28,7 @@ emt::cli::RegisterCommand reg([](CLI::App& root) {
       return;
     }
     emt::set_log_level(emt::parse_log_level(cfg.run.log_level));
-    int threads = emt::set_threads(cfg.run.threads);
-    emt::seed_everything(static_cast<uint64_t>(cfg.run.seed));
+    int threads = emt::apply_run_section(cfg.run);
     emt::log_info("[study] {} intra-op threads, device {}", threads, cfg.run.device);
     emt::StudyOptions so;
     so.report = !*no_report;

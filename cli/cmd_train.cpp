@@ -16,8 +16,7 @@ namespace {
 emt::RunConfig load_and_setup(const std::string& path, const std::vector<std::string>& overrides) {
   auto cfg = emt::load_config(path, overrides);
   emt::set_log_level(emt::parse_log_level(cfg.run.log_level));
-  emt::set_threads(cfg.run.threads);
-  emt::seed_everything(static_cast<uint64_t>(cfg.run.seed));
+  emt::apply_run_section(cfg.run);
   return cfg;
 }
 

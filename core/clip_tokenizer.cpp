@@ -64,8 +64,32 @@ bool is_letter(uint32_t c) {
   if ((c >= 0x2000 && c <= 0x2BFF) || (c >= 0x3000 && c <= 0x303F) || (c >= 0xFF00 && c <= 0xFF20)) return false;
   return !is_space(c);
 }
+// Python's str.lower() for the scripts CLIP labels use: Latin (basic, Latin-1, Extended-A, Extended
+// Additional), Greek, Cyrillic, Armenian and full-width Latin. Other code points are left as they are.
 uint32_t to_lower(uint32_t c) {
   if ((c >= 'A' && c <= 'Z') || (c >= 0xC0 && c <= 0xDE && c != 0xD7)) return c + 0x20;
+  if (c < 0x100) return c;
+  const bool even = c % 2 == 0;
+  if (c >= 0x100 && c <= 0x17F && c != 0x130 && c != 0x131 && c != 0x138 && c != 0x149 && c != 0x17F) {
+    // pairs start on even code points except in 0x139..0x148 and 0x179..0x17E, where they start on odd ones
+    const bool odd_pairs = (c >= 0x139 && c <= 0x148) || (c >= 0x179 && c <= 0x17E);
+    if (c == 0x178) return 0xFF;
+    return odd_pairs ? (even ? c : c + 1) : (even ? c + 1 : c);
+  }
+  if (c >= 0x386 && c <= 0x3AB) {
+    if (c == 0x386) return 0x3AC;
+    if (c >= 0x388 && c <= 0x38A) return c + 0x25;
+    if (c == 0x38C) return 0x3CC;
+    if (c == 0x38E || c == 0x38F) return c + 0x3F;
+    if (c >= 0x391 && c != 0x3A2) return c + 0x20;
+    return c;
+  }
+  if (c >= 0x400 && c <= 0x40F) return c + 0x50;
+  if (c >= 0x410 && c <= 0x42F) return c + 0x20;
+  if (((c >= 0x460 && c <= 0x481) || (c >= 0x48A && c <= 0x4BF) || (c >= 0x4D0 && c <= 0x52F)) && even) return c + 1;
+  if (c >= 0x531 && c <= 0x556) return c + 0x30;
+  if (c >= 0x1E00 && c <= 0x1EFF && even && !(c >= 0x1E96 && c <= 0x1E9F)) return c + 1;
+  if (c >= 0xFF21 && c <= 0xFF3A) return c + 0x20;
   return c;
 }
 

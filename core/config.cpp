@@ -351,8 +351,9 @@ struct Checker {
   }
 };
 
-void check(const RunConfig& c, Problems& p) {
-  Checker ck{p};
+// One checker per section, in the order of the YAML file; each names the keys it finds wrong.
+
+void check_run(const RunConfig& c, Checker& ck) {
   static const std::regex device_re("^(auto|cpu|cuda|cuda:[0-9]+)$");
   if (!std::regex_match(c.run.device, device_re))
     ck.fail("run.device", "must be auto, cpu, cuda or cuda:N (got '" + c.run.device + "')");
@@ -361,10 +362,9 @@ void check(const RunConfig& c, Problems& p) {
   ck.one_of("run.log_level", c.run.log_level, {"debug", "info", "warn", "error"});
   if (c.run.name.empty() || c.run.name.find('/') != std::string::npos)
     ck.fail("run.name", "must be a non-empty name without '/' (got '" + c.run.name + "')");
+}
 
-  const auto& m = c.model;
-  ck.one_of("model.projector", m.projector, {"linear", "mlp2x_gelu"});
-  ck.one_of("model.conversation", m.conversation, {"plain", "vicuna_v1", "llava_v0"});
+void check_vision(const ModelSection& m, Checker& ck) {
   const auto& v = m.vision;
   for (auto [k, x] : {std::pair<const char*, int>{"image_size", v.image_size}, {"patch_size", v.patch_size},
                       {"num_channels", v.num_channels}, {"hidden_size", v.hidden_size},
@@ -383,6 +383,9 @@ void check(const RunConfig& c, Problems& p) {
     ck.fail("model.vision.select_layer", fmt::format("must index one of the {} hidden states, i.e. be in [{}, {}] "
                                                      "(got {})", v.num_layers + 1, -(v.num_layers + 1), v.num_layers,
                                                      v.select_layer));
+}
+
+void check_clip_text(const ModelSection& m, Checker& ck) {
   const auto& t = m.clip_text;
   for (auto [k, x] : {std::pair<const char*, int>{"vocab_size", t.vocab_size}, {"hidden_size", t.hidden_size},
                       {"num_layers", t.num_layers}, {"num_heads", t.num_heads},
@@ -393,6 +396,9 @@ void check(const RunConfig& c, Problems& p) {
   if (t.num_heads > 0 && t.hidden_size % t.num_heads != 0)
     ck.fail("model.clip_text.num_heads", fmt::format("must divide model.clip_text.hidden_size {} (got {})",
                                                      t.hidden_size, t.num_heads));
+}
+
+void check_llm(const ModelSection& m, Checker& ck) {
   const auto& l = m.llm;
   for (auto [k, x] : {std::pair<const char*, int>{"vocab_size", l.vocab_size}, {"hidden_size", l.hidden_size},
                       {"num_layers", l.num_layers}, {"num_heads", l.num_heads}, {"num_kv_heads", l.num_kv_heads},
@@ -410,7 +416,18 @@ void check(const RunConfig& c, Problems& p) {
                                                   l.num_kv_heads));
   ck.positive("model.llm.rope_theta", l.rope_theta);
   ck.positive("model.llm.rms_norm_eps", l.rms_norm_eps);
+}
 
+void check_model(const RunConfig& c, Checker& ck) {
+  const auto& m = c.model;
+  ck.one_of("model.projector", m.projector, {"linear", "mlp2x_gelu"});
+  ck.one_of("model.conversation", m.conversation, {"plain", "vicuna_v1", "llava_v0"});
+  check_vision(m, ck);
+  check_clip_text(m, ck);
+  check_llm(m, ck);
+}
+
+void check_data(const RunConfig& c, Checker& ck) {
   ck.non_negative("data.workers", c.data.workers);
   ck.positive("data.prefetch", c.data.prefetch);
   for (const auto& [name, d] : c.data.datasets) {
@@ -426,7 +443,28 @@ void check(const RunConfig& c, Problems& p) {
       if (a.find('=') == std::string::npos || a.front() == '=' || a.back() == '=')
         ck.fail(k + ".aliases", "each alias must be 'alias=label' (got '" + a + "')");
   }
+}
 
+// finetune.lora: the one place LoRA settings are validated (the adapter layer only asserts invariants).
+void check_lora(const LoraConfig& lora, Checker& ck) {
+  ck.positive("finetune.lora.r", lora.r);
+  ck.positive("finetune.lora.alpha", lora.alpha);
+  ck.in_range("finetune.lora.dropout", lora.dropout, 0.0, 0.95);
+  ck.one_of("finetune.lora.init", lora.init, {"kaiming", "gaussian"});
+  if (lora.target_modules.empty() && lora.target_regex.empty())
+    ck.fail("finetune.lora.target_modules", "must name at least one module (or set finetune.lora.target_regex)");
+  if (!lora.target_regex.empty()) {
+    try {
+      std::regex re(lora.target_regex);
+    } catch (const std::regex_error& e) {
+      ck.fail("finetune.lora.target_regex", std::string("invalid regex: ") + e.what() + " (got '" + lora.target_regex + "')");
+    }
+  }
+  for (const auto& [k, r] : lora.rank_pattern) ck.positive("finetune.lora.rank_pattern." + k, r);
+  for (const auto& [k, a] : lora.alpha_pattern) ck.positive("finetune.lora.alpha_pattern." + k, a);
+}
+
+void check_finetune(const RunConfig& c, Checker& ck) {
   const auto& f = c.finetune;
   if (!f.dataset.empty()) ck.dataset_ref("finetune.dataset", f.dataset, c);
   ck.one_of("finetune.method", f.method, kMethods);
@@ -449,26 +487,14 @@ void check(const RunConfig& c, Problems& p) {
   ck.non_negative("finetune.keep_last_n", f.keep_last_n);
   ck.non_negative("finetune.checkpoint_every_steps", f.checkpoint_every_steps);
   ck.positive("finetune.log_every_steps", f.log_every_steps);
-  ck.positive("finetune.lora.r", f.lora.r);
-  ck.positive("finetune.lora.alpha", f.lora.alpha);
-  ck.in_range("finetune.lora.dropout", f.lora.dropout, 0.0, 0.95);
-  ck.one_of("finetune.lora.init", f.lora.init, {"kaiming", "gaussian"});
-  if (f.lora.target_modules.empty() && f.lora.target_regex.empty())
-    ck.fail("finetune.lora.target_modules", "must name at least one module (or set finetune.lora.target_regex)");
-  if (!f.lora.target_regex.empty()) {
-    try {
-      std::regex re(f.lora.target_regex);
-    } catch (const std::regex_error& e) {
-      ck.fail("finetune.lora.target_regex", std::string("invalid regex: ") + e.what() + " (got '" + f.lora.target_regex + "')");
-    }
-  }
-  for (const auto& [k, r] : f.lora.rank_pattern) ck.positive("finetune.lora.rank_pattern." + k, r);
-  for (const auto& [k, a] : f.lora.alpha_pattern) ck.positive("finetune.lora.alpha_pattern." + k, a);
+  check_lora(f.lora, ck);
   ck.positive("finetune.prompt_tuning.num_virtual_tokens", f.prompt_tuning.num_virtual_tokens);
   ck.one_of("finetune.prompt_tuning.init", f.prompt_tuning.init, {"random", "text"});
   if (f.prompt_tuning.init == "text" && f.prompt_tuning.init_text.empty())
     ck.fail("finetune.prompt_tuning.init_text", "must be set when finetune.prompt_tuning.init is 'text'");
+}
 
+void check_eval(const RunConfig& c, Checker& ck) {
   const auto& e = c.eval;
   for (size_t i = 0; i < e.datasets.size(); ++i) ck.dataset_ref(fmt::format("eval.datasets[{}]", i), e.datasets[i], c);
   ck.positive("eval.batch_size", e.batch_size);
@@ -486,7 +512,9 @@ void check(const RunConfig& c, Problems& p) {
       ck.fail("eval.clip_templates", "each template must contain {label} (got '" + tpl + "')");
   ck.non_negative("eval.temperature", e.temperature);
   ck.in_range("eval.top_p", e.top_p, 0.0, 1.0, true);
+}
 
+void check_study(const RunConfig& c, Checker& ck) {
   const auto& s = c.study;
   for (size_t i = 0; i < s.finetune_datasets.size(); ++i)
     ck.dataset_ref(fmt::format("study.finetune_datasets[{}]", i), s.finetune_datasets[i], c);
@@ -497,7 +525,9 @@ void check(const RunConfig& c, Problems& p) {
     ck.one_of("study.learning_rate_by_method." + meth, meth, kMethods);
     ck.positive("study.learning_rate_by_method." + meth, lr);
   }
+}
 
+void check_pretrain(const RunConfig& c, Checker& ck) {
   const auto& pt = c.pretrain;
   for (size_t i = 0; i < pt.datasets.size(); ++i) ck.dataset_ref(fmt::format("pretrain.datasets[{}]", i), pt.datasets[i], c);
   ck.non_negative("pretrain.clip_steps", pt.clip_steps);
@@ -508,6 +538,17 @@ void check(const RunConfig& c, Problems& p) {
   ck.positive("pretrain.learning_rate", pt.learning_rate);
   ck.positive("pretrain.tokenizer_vocab", pt.tokenizer_vocab);
   ck.non_negative("pretrain.train_max_samples", pt.train_max_samples);
+}
+
+void check(const RunConfig& c, Problems& p) {
+  Checker ck{p};
+  check_run(c, ck);
+  check_model(c, ck);
+  check_data(c, ck);
+  check_finetune(c, ck);
+  check_eval(c, ck);
+  check_study(c, ck);
+  check_pretrain(c, ck);
 }
 
 [[noreturn]] void throw_problems(const Problems& p) {

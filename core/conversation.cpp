@@ -1,6 +1,7 @@
 // Conversation templates (plain, vicuna_v1, llava_v1, llava_v0) rendered the way LLaVA's get_prompt does.
 #include <emt/core/conversation.h>
 #include <emt/core/error.h>
+#include <emt/core/tokenizer.h>
 
 #include <fmt/format.h>
 
@@ -55,6 +56,16 @@ std::string render_prompt(const std::string& template_name, const std::string& s
 }
 
 std::string answer_suffix(const std::string& template_name) { return conversation_template(template_name).answer_sep; }
+
+std::vector<int64_t> encode_answer(const Tokenizer& tok, const std::string& template_name, const std::string& answer) {
+  const std::string suffix = answer_suffix(template_name);
+  if (suffix == "</s>") {
+    auto ids = tok.encode(answer, /*add_bos=*/false);
+    ids.push_back(tok.eos_id());
+    return ids;
+  }
+  return tok.encode(answer + suffix, /*add_bos=*/false);
+}
 
 std::vector<std::string> stop_strings(const std::string& template_name) {
   const ConversationTemplate& t = conversation_template(template_name);

@@ -3,6 +3,7 @@
 #include <emt/core/config.h>
 #include <emt/core/error.h>
 #include <emt/core/hf_checkpoint.h>
+#include <emt/core/layers.h>
 #include <emt/core/llava.h>
 #include <emt/core/runtime.h>
 #include <emt/core/safetensors.h>
@@ -136,6 +137,18 @@ std::string torch_dtype_name(torch::ScalarType t) {
   }
 }
 
+// LlavaConfig.projector_hidden_act: the activation between the projector's two layers (transformers' ACT2FN name).
+std::string projector_act_from_json(const json& j, const std::string& where) {
+  auto act = field<std::string>(j, "projector_hidden_act", "gelu", where);
+  try {
+    check_activation_name(act);
+  } catch (const ConfigError&) {
+    throw FormatError("[hf] " + where + ": projector_hidden_act '" + act +
+                      "' is not supported (gelu, gelu_new, gelu_pytorch_tanh, quick_gelu, silu or relu)");
+  }
+  return act;
+}
+
 std::string model_type_of(const json& j, const std::string& dir) {
   auto t = field<std::string>(j, "model_type", "", dir + "/config.json");
   if (t.empty()) throw FormatError("[hf] " + dir + "/config.json: no 'model_type'");
@@ -179,9 +192,18 @@ std::string llava_module_key(const std::string& k) {
       {"model.mm_projector.2.", "multi_modal_projector.linear_2."},
       {"lm_head.", "language_model.lm_head."},
   };
+  std::string key = k;
   for (auto& r : rules)
-    if (starts_with(k, r.from)) return r.to + k.substr(std::strlen(r.from));
-  return k;
+    if (starts_with(k, r.from)) {
+      key = r.to + k.substr(std::strlen(r.from));
+      break;
+    }
+  // transformers 5 holds the tower without CLIPVisionModel's `vision_model.` level and writes it so for a LLaVA
+  // it built from a config (`vision_tower.embeddings.*`); a LLaVA it loaded keeps the file's layout.
+  const std::string tower = "vision_tower.";
+  if (starts_with(key, tower) && !starts_with(key, tower + "vision_model."))
+    key = tower + "vision_model." + key.substr(tower.size());
+  return key;
 }
 
 std::string llava_file_key(const std::string& k, const std::string& style) {
@@ -271,8 +293,7 @@ ModelSection model_section_from_hf(const std::string& dir) {
     if (strategy != "default" && strategy != "full")
       throw FormatError("[hf] " + where + ": vision_feature_select_strategy '" + strategy + "' (expected default or full)");
     m.vision.select_feature = strategy == "default" ? "patch" : "cls_patch";
-    auto act = field<std::string>(j, "projector_hidden_act", "gelu", where);
-    if (act != "gelu") throw FormatError("[hf] " + where + ": projector_hidden_act '" + act + "' is not supported (gelu)");
+    projector_act_from_json(j, where);  // validated here, applied by load_llava
     if (j.contains("mm_projector_type")) {
       m.projector = field<std::string>(j, "mm_projector_type", "mlp2x_gelu", where);
     } else {
@@ -316,6 +337,9 @@ LlavaModel load_llava(const std::string& hf_dir, torch::ScalarType dtype, torch:
     DefaultDtypeGuard g(dtype);
     model = build_llava(m, image_token);
   }
+  // ModelSection has no projector activation (emt's own models always use gelu): set it on the built model.
+  model->options.projector.act = projector_act_from_json(j, hf_dir + "/config.json");
+  model->multi_modal_projector->options.act = model->options.projector.act;
   bool tied = m.llm.tie_word_embeddings;
   load_state_strict(*model, reader,
                     [tied](const std::string& k) {

@@ -65,14 +65,8 @@ struct DataLoader::Impl {
   }
 
   std::vector<int64_t> encode_answer(const std::string& answer) {
-    const std::string suffix = answer_suffix(opts.conversation);
     std::lock_guard<std::mutex> l(tok_mutex);
-    if (suffix == "</s>") {
-      auto ids = tok->encode(answer, false);
-      ids.push_back(tok->eos_id());
-      return ids;
-    }
-    return tok->encode(answer + suffix, false);
+    return emt::encode_answer(*tok, opts.conversation, answer);
   }
 
   void compute_order() {

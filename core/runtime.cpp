@@ -1,7 +1,9 @@
 // Device/dtype resolution, threads, seeding, atomic file and directory commits.
+#include <emt/core/config.h>
 #include <emt/core/error.h>
 #include <emt/core/runtime.h>
 #include <fcntl.h>
+#include <stdio.h>  // renameat2, RENAME_EXCHANGE (glibc >= 2.28)
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -65,6 +67,20 @@ int set_threads(int n) {
   int want = n == 0 ? static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) : n;
   torch::set_num_threads(want);
   return torch::get_num_threads();
+}
+
+void set_deterministic(bool on) {
+  // warn_only: an op without a deterministic kernel warns instead of failing the run ("where available").
+  at::globalContext().setDeterministicAlgorithms(on, /*warn_only=*/true);
+  at::globalContext().setDeterministicCuDNN(on);
+  at::globalContext().setBenchmarkCuDNN(!on);
+}
+
+int apply_run_section(const RunSection& run) {
+  int threads = set_threads(run.threads);
+  seed_everything(static_cast<uint64_t>(run.seed));
+  set_deterministic(run.deterministic);
+  return threads;
 }
 
 void seed_everything(uint64_t seed) {
@@ -133,21 +149,35 @@ void commit_dir_atomic(const std::string& tmp_dir, const std::string& final_dir)
   std::error_code ec;
   fs::path fin(final_dir);
   if (!fs::exists(tmp_dir)) throw IoError("[io] cannot commit '" + final_dir + "': staging dir '" + tmp_dir + "' is missing");
-  fs::path old;
   if (fs::exists(fin)) {
-    old = fin;
+    // Swap the two directories in one step, so that a reader always finds either the old or the new copy at
+    // final_dir (never none); the old copy then lies at tmp_dir and is removed.
+    if (::renameat2(AT_FDCWD, tmp_dir.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+      fsync_dir(fin.parent_path());
+      fs::remove_all(tmp_dir, ec);
+      return;
+    }
+    if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP)
+      io_fail("cannot exchange '" + tmp_dir + "' with", final_dir, errno);
+    // A file system without RENAME_EXCHANGE: move the old copy aside first. Readers skip '.old.' names, so for
+    // the moment between the two renames final_dir is absent; the old copy is put back if the second fails.
+    fs::path old = fin;
     old += ".old." + std::to_string(::getpid());
     fs::remove_all(old, ec);
     fs::rename(fin, old, ec);
     if (ec) throw IoError("[io] cannot move old '" + final_dir + "' aside: " + ec.message());
+    fs::rename(tmp_dir, fin, ec);
+    if (ec) {
+      fs::rename(old, fin);
+      throw IoError("[io] cannot rename '" + tmp_dir + "' to '" + final_dir + "': " + ec.message());
+    }
+    fsync_dir(fin.parent_path());
+    fs::remove_all(old, ec);
+    return;
   }
   fs::rename(tmp_dir, fin, ec);
-  if (ec) {
-    if (!old.empty()) fs::rename(old, fin);  // put the previous version back
-    throw IoError("[io] cannot rename '" + tmp_dir + "' to '" + final_dir + "': " + ec.message());
-  }
+  if (ec) throw IoError("[io] cannot rename '" + tmp_dir + "' to '" + final_dir + "': " + ec.message());
   fsync_dir(fin.parent_path());
-  if (!old.empty()) fs::remove_all(old, ec);
 }
 
 }  // namespace emt

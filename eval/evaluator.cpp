@@ -104,17 +104,6 @@ std::string clean_answer(std::string text, const std::vector<std::string>& stops
   return trim_space(valid_utf8(text));
 }
 
-// Answer ids exactly as the loader builds training targets (answer, then EOS or the template's text suffix).
-std::vector<int64_t> encode_answer(const Tokenizer& tok, const std::string& conversation, const std::string& answer) {
-  const std::string suffix = answer_suffix(conversation);
-  if (suffix == "</s>") {
-    auto ids = tok.encode(answer, false);
-    ids.push_back(tok.eos_id());
-    return ids;
-  }
-  return tok.encode(answer + suffix, false);
-}
-
 torch::ScalarType param_dtype(torch::nn::Module& m) {
   for (const auto& p : m.parameters()) return p.scalar_type();
   return torch::kFloat32;

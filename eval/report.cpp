@@ -426,40 +426,48 @@ std::string format_matrix(const std::vector<ResultRow>& rows, const std::string&
 
 // ---- the report ---------------------------------------------------------------------------------------------------
 
-ReportFiles write_report(const LoadedResults& results, const ReportOptions& opts) {
-  if (opts.out_dir.empty()) throw ConfigError("[report] no output directory (--out)");
-  const AccuracyTensor R = accuracy_tensor(results.rows, opts.scorer);
-  const Forgetting F = forgetting(R);
-  const EncoderGap G = encoder_gap(R);
-  const torch::Tensor rates = verdict_rates(R);
-  const int64_t M = R.methods.size(), NF = R.finetune_datasets.size(), D = R.eval_datasets.size();
-  fs::path out(opts.out_dir);
-  std::error_code ec;
-  fs::create_directories(out / "plots", ec);
-  if (ec) throw IoError(fmt::format("[report] cannot create '{}': {}", (out / "plots").string(), ec.message()));
+namespace {
+
+// What every part of the report reads: the tensors, their derived measures, and where files go.
+struct ReportContext {
+  const LoadedResults& results;
+  AccuracyTensor R;
+  Forgetting F;
+  EncoderGap G;
+  torch::Tensor rates;
+  int64_t M = 0, NF = 0, D = 0;
+  fs::path out;
   ReportFiles files;
-  auto put = [&](const std::string& rel, const std::string& bytes, std::vector<std::string>& list) {
+
+  ReportContext(const LoadedResults& res, const std::string& scorer, const std::string& out_dir)
+      : results(res), R(accuracy_tensor(res.rows, scorer)), F(forgetting(R)), G(encoder_gap(R)),
+        rates(verdict_rates(R)), M(static_cast<int64_t>(R.methods.size())),
+        NF(static_cast<int64_t>(R.finetune_datasets.size())), D(static_cast<int64_t>(R.eval_datasets.size())),
+        out(out_dir) {}
+  void put(const std::string& rel, const std::string& bytes, std::vector<std::string>& list) {
     std::string p = (out / rel).string();
     write_file_atomic(p, bytes);
     list.push_back(p);
-  };
+  }
+};
+
+// accuracy.csv (long form) and one wide matrix per method -> the "accuracy" array of report.json.
+nlohmann::ordered_json write_accuracy_tables(ReportContext& c) {
+  const auto& R = c.R;
   auto cnt = R.counts.accessor<int64_t, 5>();
   auto ps = R.per_seed.accessor<double, 5>();
-  auto rt = rates.accessor<double, 5>();
-
-  // accuracy.csv (long form) + one wide matrix per method.
   std::string acc_csv = csv_row({"method", "finetune_dataset", "epoch", "eval_dataset", "accuracy", "n_seeds", "n",
                                  "n_correct", "ci_low", "ci_high"});
   nlohmann::ordered_json jacc = nlohmann::ordered_json::array();
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = 0; m < c.M; ++m) {
     std::vector<std::string> head = {"finetune_dataset", "epoch"};
     head.insert(head.end(), R.eval_datasets.begin(), R.eval_datasets.end());
     std::string wide = csv_row(head);
-    for (int64_t f = 0; f < NF; ++f) {
+    for (int64_t f = 0; f < c.NF; ++f) {
       const int64_t L = R.last_epoch(m, f);
       for (int64_t e = 0; e <= L; ++e) {
         std::vector<std::string> wrow = {R.finetune_datasets[f], std::to_string(e)};
-        for (int64_t d = 0; d < D; ++d) {
+        for (int64_t d = 0; d < c.D; ++d) {
           const double a = R.at(m, f, e, d);
           wrow.push_back(num(a));
           if (!finite(a)) continue;
@@ -478,11 +486,16 @@ ReportFiles write_report(const LoadedResults& results, const ReportOptions& opts
         wide += csv_row(wrow);
       }
     }
-    put(fmt::format("accuracy_matrix_{}.csv", file_part(R.methods[m])), wide, files.tables);
+    c.put(fmt::format("accuracy_matrix_{}.csv", file_part(R.methods[m])), wide, c.files.tables);
   }
-  put("accuracy.csv", acc_csv, files.tables);
+  c.put("accuracy.csv", acc_csv, c.files.tables);
+  return jacc;
+}
 
-  // forgetting.csv (per eval dataset) and summary.csv (per cell).
+// forgetting.csv (per eval dataset) and summary.csv (per cell) -> the "forgetting" and "summary" arrays.
+std::pair<nlohmann::ordered_json, nlohmann::ordered_json> write_forgetting_tables(ReportContext& c) {
+  const auto& R = c.R;
+  const auto& F = c.F;
   std::vector<std::string> fhead = {"method", "finetune_dataset", "eval_dataset", "is_finetuned", "last_epoch",
                                     "base_minus_last", "max_minus_last", "first_minus_last"};
   for (int64_t e = 1; e <= R.epochs; ++e) fhead.push_back(fmt::format("base_minus_epoch_{}", e));
@@ -496,10 +509,10 @@ ReportFiles write_report(const LoadedResults& results, const ReportOptions& opts
   auto fl = F.first_minus_last.accessor<double, 3>();
   auto pl = F.plasticity.accessor<double, 2>();
   auto le = F.last_epoch.accessor<int64_t, 2>();
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t f = 0; f < NF; ++f) {
+  for (int64_t m = 0; m < c.M; ++m) {
+    for (int64_t f = 0; f < c.NF; ++f) {
       if (le[m][f] < 0) continue;
-      for (int64_t d = 0; d < D; ++d) {
+      for (int64_t d = 0; d < c.D; ++d) {
         const bool own = R.eval_datasets[d] == R.finetune_datasets[f];
         std::vector<std::string> row = {R.methods[m], R.finetune_datasets[f], R.eval_datasets[d], own ? "1" : "0",
                                         std::to_string(le[m][f]), num(bl[m][f][d]), num(ml[m][f][d]), num(fl[m][f][d])};
@@ -524,29 +537,39 @@ ReportFiles write_report(const LoadedResults& results, const ReportOptions& opts
                       {"avg_first_minus_last", jnum(a3)}, {"plasticity", jnum(pl[m][f])}});
     }
   }
-  put("forgetting.csv", fcsv, files.tables);
-  put("summary.csv", scsv, files.tables);
+  c.put("forgetting.csv", fcsv, c.files.tables);
+  c.put("summary.csv", scsv, c.files.tables);
+  return {jforget, jsum};
+}
 
-  // encoder_gap.csv
+// encoder_gap.csv -> the "datasets" array of report.json's "encoder_gap".
+nlohmann::ordered_json write_encoder_gap_table(ReportContext& c) {
+  const auto& G = c.G;
   std::string gcsv = csv_row({"eval_dataset", "clip_zero_shot", "mllm_base", "gap"});
   nlohmann::ordered_json jgap = nlohmann::ordered_json::array();
-  for (int64_t d = 0; d < D; ++d) {
+  for (int64_t d = 0; d < c.D; ++d) {
     gcsv += csv_row({G.datasets[d], num(G.clip[d]), num(G.mllm[d]), num(G.gap[d])});
     jgap.push_back({{"eval_dataset", G.datasets[d]}, {"clip_zero_shot", jnum(G.clip[d])}, {"mllm_base", jnum(G.mllm[d])},
                     {"gap", jnum(G.gap[d])}});
   }
   gcsv += csv_row({"total", "", "", num(G.total)});
-  put("encoder_gap.csv", gcsv, files.tables);
+  c.put("encoder_gap.csv", gcsv, c.files.tables);
+  return jgap;
+}
 
-  // verdicts.csv: every (method, finetune, epoch, eval) with answers.
+// verdicts.csv: every (method, finetune, epoch, eval) with answers -> the "verdicts" array.
+nlohmann::ordered_json write_verdict_table(ReportContext& c) {
+  const auto& R = c.R;
+  auto cnt = R.counts.accessor<int64_t, 5>();
+  auto rt = c.rates.accessor<double, 5>();
   std::string vcsv = csv_row({"method", "finetune_dataset", "epoch", "eval_dataset", "n", "correct", "incorrect",
                               "intrinsic", "extrinsic", "rate_correct", "rate_incorrect", "rate_intrinsic",
                               "rate_extrinsic"});
   nlohmann::ordered_json jver = nlohmann::ordered_json::array();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t f = 0; f < NF; ++f)
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t f = 0; f < c.NF; ++f)
       for (int64_t e = 0; e <= R.epochs; ++e)
-        for (int64_t d = 0; d < D; ++d) {
+        for (int64_t d = 0; d < c.D; ++d) {
           if (cnt[m][f][e][d][0] == 0) continue;
           std::vector<std::string> row = {R.methods[m], R.finetune_datasets[f], std::to_string(e), R.eval_datasets[d]};
           for (int k = 0; k < 5; ++k) row.push_back(std::to_string(cnt[m][f][e][d][k]));
@@ -557,37 +580,47 @@ ReportFiles write_report(const LoadedResults& results, const ReportOptions& opts
                           {"correct", cnt[m][f][e][d][1]}, {"incorrect", cnt[m][f][e][d][2]},
                           {"intrinsic", cnt[m][f][e][d][3]}, {"extrinsic", cnt[m][f][e][d][4]}});
         }
-  put("verdicts.csv", vcsv, files.tables);
+  c.put("verdicts.csv", vcsv, c.files.tables);
+  return jver;
+}
 
+// Every table in one file, with the grid's axes and the base/CLIP rows.
+void write_report_json(ReportContext& c, const nlohmann::ordered_json& jacc, const nlohmann::ordered_json& jforget,
+                       const nlohmann::ordered_json& jsum, const nlohmann::ordered_json& jgap,
+                       const nlohmann::ordered_json& jver) {
+  const auto& R = c.R;
   nlohmann::ordered_json j;
   j["scorer"] = R.scorer;
-  j["runs"] = results.run_dirs;
-  j["rows"] = results.rows.size();
-  j["duplicates"] = results.duplicates;
+  j["runs"] = c.results.run_dirs;
+  j["rows"] = c.results.rows.size();
+  j["duplicates"] = c.results.duplicates;
   j["methods"] = R.methods;
   j["finetune_datasets"] = R.finetune_datasets;
   j["eval_datasets"] = R.eval_datasets;
   j["seeds"] = R.seeds;
   j["epochs"] = R.epochs;
   nlohmann::ordered_json jbase = nlohmann::ordered_json::object(), jclip = nlohmann::ordered_json::object();
-  for (int64_t d = 0; d < D; ++d) jbase[R.eval_datasets[d]] = jnum(R.base[d]), jclip[R.eval_datasets[d]] = jnum(R.clip[d]);
+  for (int64_t d = 0; d < c.D; ++d) jbase[R.eval_datasets[d]] = jnum(R.base[d]), jclip[R.eval_datasets[d]] = jnum(R.clip[d]);
   j["base"] = jbase;
   j["clip_zero_shot"] = jclip;
   j["accuracy"] = jacc;
   j["forgetting"] = jforget;
   j["summary"] = jsum;
-  j["encoder_gap"] = {{"datasets", jgap}, {"total", G.total}, {"summed", G.summed}};
+  j["encoder_gap"] = {{"datasets", jgap}, {"total", c.G.total}, {"summed", c.G.summed}};
   j["verdicts"] = jver;
-  put("report.json", j.dump(2) + "\n", files.tables);
+  c.put("report.json", j.dump(2) + "\n", c.files.tables);
+}
 
-  // Plots.
-  std::vector<std::pair<std::string, std::string>> images;  // (caption, png bytes)
+// Every plot as a PNG file -> (caption, png bytes) in order, for report.html.
+std::vector<std::pair<std::string, std::string>> write_plots(ReportContext& c) {
+  const auto& R = c.R;
+  std::vector<std::pair<std::string, std::string>> images;
   auto plot = [&](const std::string& rel, const std::string& caption, const std::string& png) {
-    put(rel, png, files.plots);
+    c.put(rel, png, c.files.plots);
     images.push_back({caption, png});
   };
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t f = 0; f < NF; ++f) {
+  for (int64_t m = 0; m < c.M; ++m) {
+    for (int64_t f = 0; f < c.NF; ++f) {
       if (R.last_epoch(m, f) < 0) continue;
       plot(fmt::format("plots/accuracy_{}_{}.png", file_part(R.methods[m]), file_part(R.finetune_datasets[f])),
            fmt::format("{} on {}: accuracy per epoch", R.methods[m], R.finetune_datasets[f]),
@@ -597,110 +630,165 @@ ReportFiles write_report(const LoadedResults& results, const ReportOptions& opts
          plot_radar_png(R, m));
     plot(fmt::format("plots/heatmap_{}.png", file_part(R.methods[m])),
          fmt::format("{}: fine-tune x eval at the last epoch", R.methods[m]), plot_heatmap_png(R, m));
-    for (int64_t f = 0; f < NF; ++f) {
+    for (int64_t f = 0; f < c.NF; ++f) {
       if (R.last_epoch(m, f) < 0) continue;
       plot(fmt::format("plots/verdicts_{}_{}.png", file_part(R.methods[m]), file_part(R.finetune_datasets[f])),
            fmt::format("{} on {}: verdicts at the last epoch", R.methods[m], R.finetune_datasets[f]),
            plot_verdicts_png(R, m, f));
     }
   }
+  return images;
+}
 
-  // report.html: every table and image inline, readable offline.
-  files.matrix = format_matrix(R);
-  std::ostringstream h;
-  h << "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>" << html_escape(opts.title)
-    << "</title>\n<style>\n"
-       "body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;"
-       "padding:0 1em;color:#222;line-height:1.45}\n"
-       "h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}\n"
-       "table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.92em}\n"
-       "th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}th{background:#f3f3f3}\n"
-       "td.l,th.l{text-align:left}tr.own td{font-weight:600}\n"
-       "figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:.85em;color:#555}\n"
-       "img{max-width:100%;border:1px solid #eee}.meta{color:#555;font-size:.9em}pre{background:#f7f7f7;padding:.8em;"
-       "overflow-x:auto}\n</style></head><body>\n";
-  h << "<h1>" << html_escape(opts.title) << "</h1>\n<p class=\"meta\">Scorer: <b>" << html_escape(R.scorer)
-    << "</b> &middot; " << results.rows.size() << " result rows from " << results.run_dirs.size()
-    << " run(s) &middot; " << results.duplicates << " duplicate row(s) replaced &middot; seeds:";
-  for (auto s : R.seeds) h << " " << s;
-  h << "</p>\n<p class=\"meta\">Runs:";
-  for (const auto& r : results.run_dirs) h << " <code>" << html_escape(r) << "</code>";
-  h << "</p>\n<h2>Accuracy (%)</h2>\n";
-  auto th_row = [&](const std::vector<std::string>& cells, size_t left_cols) {
-    h << "<tr>";
-    for (size_t i = 0; i < cells.size(); ++i) h << "<th" << (i < left_cols ? " class=\"l\"" : "") << ">" << html_escape(cells[i]) << "</th>";
-    h << "</tr>\n";
-  };
-  auto td_row = [&](const std::vector<std::string>& cells, size_t left_cols, bool own = false) {
-    h << "<tr" << (own ? " class=\"own\"" : "") << ">";
-    for (size_t i = 0; i < cells.size(); ++i) h << "<td" << (i < left_cols ? " class=\"l\"" : "") << ">" << html_escape(cells[i]) << "</td>";
-    h << "</tr>\n";
-  };
-  for (int64_t m = 0; m < M; ++m) {
-    h << "<h3>Method " << html_escape(R.methods[m]) << "</h3>\n<table>\n";
-    std::vector<std::string> head = {"fine-tuned on", "epoch"};
-    head.insert(head.end(), R.eval_datasets.begin(), R.eval_datasets.end());
-    th_row(head, 2);
-    std::vector<std::string> base = {"(base model)", "0"};
-    for (int64_t d = 0; d < D; ++d) base.push_back(pct(R.base[d]));
-    td_row(base, 2);
-    for (int64_t f = 0; f < NF; ++f)
-      for (int64_t e = 1; e <= R.last_epoch(m, f); ++e) {
-        std::vector<std::string> row = {R.finetune_datasets[f], std::to_string(e)};
-        for (int64_t d = 0; d < D; ++d) row.push_back(pct(R.at(m, f, e, d)));
+// report.html: every table and image inline, readable offline.
+class HtmlReport {
+ public:
+  explicit HtmlReport(const ReportContext& c) : c_(c) {}
+
+  std::string render(const std::string& title, const nlohmann::ordered_json& jforget, const nlohmann::ordered_json& jsum,
+                     const std::vector<std::pair<std::string, std::string>>& images) {
+    head(title);
+    accuracy();
+    forgetting(jforget, jsum);
+    encoder_gap();
+    verdicts();
+    h_ << "</table>\n<h2>Plots</h2>\n";
+    for (const auto& [caption, png] : images)
+      h_ << "<figure><img alt=\"" << html_escape(caption) << "\" src=\"data:image/png;base64," << base64_encode(png)
+         << "\"><figcaption>" << html_escape(caption) << "</figcaption></figure>\n";
+    h_ << "<h2>Matrix</h2>\n<pre>" << html_escape(c_.files.matrix) << "</pre>\n</body></html>\n";
+    return h_.str();
+  }
+
+ private:
+  void th_row(const std::vector<std::string>& cells, size_t left_cols) {
+    h_ << "<tr>";
+    for (size_t i = 0; i < cells.size(); ++i) h_ << "<th" << (i < left_cols ? " class=\"l\"" : "") << ">" << html_escape(cells[i]) << "</th>";
+    h_ << "</tr>\n";
+  }
+  void td_row(const std::vector<std::string>& cells, size_t left_cols, bool own = false) {
+    h_ << "<tr" << (own ? " class=\"own\"" : "") << ">";
+    for (size_t i = 0; i < cells.size(); ++i) h_ << "<td" << (i < left_cols ? " class=\"l\"" : "") << ">" << html_escape(cells[i]) << "</td>";
+    h_ << "</tr>\n";
+  }
+  static std::string points(const nlohmann::ordered_json& s, const char* k) {
+    return s[k].is_null() ? std::string("-") : fmt::format("{:.1f}", 100 * s[k].get<double>());
+  }
+
+  void head(const std::string& title) {
+    const auto& R = c_.R;
+    h_ << "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>" << html_escape(title)
+       << "</title>\n<style>\n"
+          "body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;"
+          "padding:0 1em;color:#222;line-height:1.45}\n"
+          "h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}\n"
+          "table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.92em}\n"
+          "th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}th{background:#f3f3f3}\n"
+          "td.l,th.l{text-align:left}tr.own td{font-weight:600}\n"
+          "figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:.85em;color:#555}\n"
+          "img{max-width:100%;border:1px solid #eee}.meta{color:#555;font-size:.9em}pre{background:#f7f7f7;padding:.8em;"
+          "overflow-x:auto}\n</style></head><body>\n";
+    h_ << "<h1>" << html_escape(title) << "</h1>\n<p class=\"meta\">Scorer: <b>" << html_escape(R.scorer)
+       << "</b> &middot; " << c_.results.rows.size() << " result rows from " << c_.results.run_dirs.size()
+       << " run(s) &middot; " << c_.results.duplicates << " duplicate row(s) replaced &middot; seeds:";
+    for (auto s : R.seeds) h_ << " " << s;
+    h_ << "</p>\n<p class=\"meta\">Runs:";
+    for (const auto& r : c_.results.run_dirs) h_ << " <code>" << html_escape(r) << "</code>";
+    h_ << "</p>\n<h2>Accuracy (%)</h2>\n";
+  }
+
+  void accuracy() {
+    const auto& R = c_.R;
+    for (int64_t m = 0; m < c_.M; ++m) {
+      h_ << "<h3>Method " << html_escape(R.methods[m]) << "</h3>\n<table>\n";
+      std::vector<std::string> head = {"fine-tuned on", "epoch"};
+      head.insert(head.end(), R.eval_datasets.begin(), R.eval_datasets.end());
+      th_row(head, 2);
+      std::vector<std::string> base = {"(base model)", "0"};
+      for (int64_t d = 0; d < c_.D; ++d) base.push_back(pct(R.base[d]));
+      td_row(base, 2);
+      for (int64_t f = 0; f < c_.NF; ++f)
+        for (int64_t e = 1; e <= R.last_epoch(m, f); ++e) {
+          std::vector<std::string> row = {R.finetune_datasets[f], std::to_string(e)};
+          for (int64_t d = 0; d < c_.D; ++d) row.push_back(pct(R.at(m, f, e, d)));
+          td_row(row, 2);
+        }
+      if (std::any_of(R.clip.begin(), R.clip.end(), [](double v) { return finite(v); })) {
+        std::vector<std::string> row = {"CLIP zero-shot", "-"};
+        for (int64_t d = 0; d < c_.D; ++d) row.push_back(pct(R.clip[d]));
         td_row(row, 2);
       }
-    if (std::any_of(R.clip.begin(), R.clip.end(), [](double v) { return finite(v); })) {
-      std::vector<std::string> row = {"CLIP zero-shot", "-"};
-      for (int64_t d = 0; d < D; ++d) row.push_back(pct(R.clip[d]));
-      td_row(row, 2);
+      h_ << "</table>\n";
     }
-    h << "</table>\n";
   }
-  h << "<h2>Forgetting (percentage points; positive = forgot)</h2>\n<p class=\"meta\">Averages exclude the fine-tuned "
-       "dataset; plasticity = last epoch minus base on the fine-tuned dataset. Definitions in docs/report.md.</p>\n"
-       "<table>\n";
-  th_row({"method", "fine-tuned on", "last epoch", "avg base-last", "avg max-last", "avg first-last", "plasticity"}, 2);
-  for (const auto& s : jsum) {
-    auto v = [&](const char* k) { return s[k].is_null() ? std::string("-") : fmt::format("{:.1f}", 100 * s[k].get<double>()); };
-    td_row({s["method"].get<std::string>(), s["finetune_dataset"].get<std::string>(),
-            std::to_string(s["last_epoch"].get<int64_t>()), v("avg_base_minus_last"), v("avg_max_minus_last"),
-            v("avg_first_minus_last"), v("plasticity")}, 2);
+
+  void forgetting(const nlohmann::ordered_json& jforget, const nlohmann::ordered_json& jsum) {
+    h_ << "<h2>Forgetting (percentage points; positive = forgot)</h2>\n<p class=\"meta\">Averages exclude the fine-tuned "
+          "dataset; plasticity = last epoch minus base on the fine-tuned dataset. Definitions in docs/report.md.</p>\n"
+          "<table>\n";
+    th_row({"method", "fine-tuned on", "last epoch", "avg base-last", "avg max-last", "avg first-last", "plasticity"}, 2);
+    for (const auto& s : jsum)
+      td_row({s["method"].get<std::string>(), s["finetune_dataset"].get<std::string>(),
+              std::to_string(s["last_epoch"].get<int64_t>()), points(s, "avg_base_minus_last"),
+              points(s, "avg_max_minus_last"), points(s, "avg_first_minus_last"), points(s, "plasticity")}, 2);
+    h_ << "</table>\n<table>\n";
+    th_row({"method", "fine-tuned on", "eval dataset", "base-last", "max-last", "first-last"}, 3);
+    for (const auto& s : jforget)
+      td_row({s["method"].get<std::string>(), s["finetune_dataset"].get<std::string>(),
+              s["eval_dataset"].get<std::string>(), points(s, "base_minus_last"), points(s, "max_minus_last"),
+              points(s, "first_minus_last")},
+             3, s["is_finetuned"].get<bool>());
   }
-  h << "</table>\n<table>\n";
-  th_row({"method", "fine-tuned on", "eval dataset", "base-last", "max-last", "first-last"}, 3);
-  for (const auto& s : jforget) {
-    auto v = [&](const char* k) { return s[k].is_null() ? std::string("-") : fmt::format("{:.1f}", 100 * s[k].get<double>()); };
-    td_row({s["method"].get<std::string>(), s["finetune_dataset"].get<std::string>(),
-            s["eval_dataset"].get<std::string>(), v("base_minus_last"), v("max_minus_last"), v("first_minus_last")},
-           3, s["is_finetuned"].get<bool>());
+
+  void encoder_gap() {
+    const auto& G = c_.G;
+    h_ << "</table>\n<h2>Encoder gap: CLIP zero-shot minus the base MLLM (%)</h2>\n<table>\n";
+    th_row({"eval dataset", "CLIP zero-shot", "MLLM (base)", "gap"}, 1);
+    for (int64_t d = 0; d < c_.D; ++d) td_row({G.datasets[d], pct(G.clip[d]), pct(G.mllm[d]), pct(G.gap[d])}, 1);
+    td_row({fmt::format("total accuracy difference ({} datasets)", G.summed), "", "", pct(G.total)}, 1, true);
   }
-  h << "</table>\n<h2>Encoder gap: CLIP zero-shot minus the base MLLM (%)</h2>\n<table>\n";
-  th_row({"eval dataset", "CLIP zero-shot", "MLLM (base)", "gap"}, 1);
-  for (int64_t d = 0; d < D; ++d)
-    td_row({G.datasets[d], pct(G.clip[d]), pct(G.mllm[d]), pct(G.gap[d])}, 1);
-  td_row({fmt::format("total accuracy difference ({} datasets)", G.summed), "", "", pct(G.total)}, 1, true);
-  h << "</table>\n<h2>Verdicts at the last epoch (% of answers)</h2>\n<table>\n";
-  th_row({"method", "fine-tuned on", "eval dataset", "n", "correct", "incorrect", "intrinsic", "extrinsic"}, 3);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t f = 0; f < NF; ++f) {
-      const int64_t L = R.last_epoch(m, f);
-      if (L < 0) continue;
-      for (int64_t d = 0; d < D; ++d) {
-        if (cnt[m][f][L][d][0] == 0) continue;
-        td_row({R.methods[m], R.finetune_datasets[f], R.eval_datasets[d], std::to_string(cnt[m][f][L][d][0]),
-                pct(rt[m][f][L][d][0]), pct(rt[m][f][L][d][1]), pct(rt[m][f][L][d][2]), pct(rt[m][f][L][d][3])},
-               3);
+
+  void verdicts() {
+    const auto& R = c_.R;
+    auto cnt = R.counts.accessor<int64_t, 5>();
+    auto rt = c_.rates.accessor<double, 5>();
+    h_ << "</table>\n<h2>Verdicts at the last epoch (% of answers)</h2>\n<table>\n";
+    th_row({"method", "fine-tuned on", "eval dataset", "n", "correct", "incorrect", "intrinsic", "extrinsic"}, 3);
+    for (int64_t m = 0; m < c_.M; ++m)
+      for (int64_t f = 0; f < c_.NF; ++f) {
+        const int64_t L = R.last_epoch(m, f);
+        if (L < 0) continue;
+        for (int64_t d = 0; d < c_.D; ++d) {
+          if (cnt[m][f][L][d][0] == 0) continue;
+          td_row({R.methods[m], R.finetune_datasets[f], R.eval_datasets[d], std::to_string(cnt[m][f][L][d][0]),
+                  pct(rt[m][f][L][d][0]), pct(rt[m][f][L][d][1]), pct(rt[m][f][L][d][2]), pct(rt[m][f][L][d][3])},
+                 3);
+        }
       }
-    }
-  h << "</table>\n<h2>Plots</h2>\n";
-  for (const auto& [caption, png] : images)
-    h << "<figure><img alt=\"" << html_escape(caption) << "\" src=\"data:image/png;base64," << base64_encode(png)
-      << "\"><figcaption>" << html_escape(caption) << "</figcaption></figure>\n";
-  h << "<h2>Matrix</h2>\n<pre>" << html_escape(files.matrix) << "</pre>\n</body></html>\n";
-  files.html = (out / "report.html").string();
-  write_file_atomic(files.html, h.str());
-  return files;
+  }
+
+  const ReportContext& c_;
+  std::ostringstream h_;
+};
+
+}  // namespace
+
+ReportFiles write_report(const LoadedResults& results, const ReportOptions& opts) {
+  if (opts.out_dir.empty()) throw ConfigError("[report] no output directory (--out)");
+  ReportContext c(results, opts.scorer, opts.out_dir);
+  std::error_code ec;
+  fs::create_directories(c.out / "plots", ec);
+  if (ec) throw IoError(fmt::format("[report] cannot create '{}': {}", (c.out / "plots").string(), ec.message()));
+  const auto jacc = write_accuracy_tables(c);
+  const auto [jforget, jsum] = write_forgetting_tables(c);
+  const auto jgap = write_encoder_gap_table(c);
+  const auto jver = write_verdict_table(c);
+  write_report_json(c, jacc, jforget, jsum, jgap, jver);
+  const auto images = write_plots(c);
+  c.files.matrix = format_matrix(c.R);
+  c.files.html = (c.out / "report.html").string();
+  write_file_atomic(c.files.html, HtmlReport(c).render(opts.title, jforget, jsum, images));
+  return c.files;
 }
 
 }  // namespace emt

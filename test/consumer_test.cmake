@@ -6,6 +6,13 @@ execute_process(COMMAND ${CMAKE_COMMAND} --install ${BIN} --prefix ${PREFIX} RES
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "cmake --install failed (${rc})")
 endif()
+# Relocatable: the exported target names LibTorch by target (found again by the consumer), never by the path
+# of this machine's libraries.
+file(GLOB _targets ${PREFIX}/lib*/cmake/emt/emtTargets.cmake)
+file(READ "${_targets}" _exported)
+if(_exported MATCHES "lib(torch|c10)[a-z_]*\\.so")
+  message(FATAL_ERROR "the installed emtTargets.cmake names LibTorch library paths: ${CMAKE_MATCH_0}")
+endif()
 execute_process(COMMAND ${CMAKE_COMMAND} -S ${SRC}/examples/consumer -B ${CBUILD} -DCMAKE_PREFIX_PATH=${PREFIX}
   RESULT_VARIABLE rc)
 if(NOT rc EQUAL 0)

@@ -1,5 +1,6 @@
 // PEFT adapter files (LoRA + modules_to_save, prompt tuning), projector files and key styles: byte-level
-// fixtures, round trips into fresh models, and one error naming every mismatch.
+// fixtures written by the real PEFT (test/interop/make_peft_fixtures.py), round trips into fresh models, and one
+// error naming every mismatch.
 #include <emt/adapters/lora.h>
 #include <emt/adapters/peft.h>
 #include <emt/core/error.h>

@@ -2,6 +2,7 @@
 // determinism, verdict counts, likelihood ranking (KV-cache reuse == full recompute; a biased model picks its
 // class), the judge scorer, CLIP zero-shot on constructed aligned / permuted CLIP models, and validation errors.
 #include <catch2/catch.hpp>
+#include <emt/adapters/peft.h>
 #include <emt/core/conversation.h>
 #include <emt/core/dataset.h>
 #include <emt/core/error.h>
@@ -688,4 +689,39 @@ TEST_CASE("emt score: a saved model directory scored end to end", "[evaluator][s
   fs::create_directories(dir + "/empty_ckpt");
   CHECK(emt_test::run_cli("score " + dir + "/cfg.yaml --adapter " + dir + "/empty_ckpt --out " + dir + "/o3").code ==
         2);
+
+  // A checkpoint emt wrote names its cell (the config saved beside it and its epoch_K name); any other adapter
+  // directory becomes method "adapter". Either way `emt report` reads the rows, together with the base's.
+  const std::string ck = dir + "/runs/s/cells/digits__linear__seed3/epoch_2";
+  fs::create_directories(ck);
+  emt::save_projector_file(*model->multi_modal_projector, ck + "/mm_projector.safetensors");
+  std::ofstream(ck + "/config.yaml") << emt::read_file(dir + "/cfg.yaml")
+                                     << "finetune: {dataset: digits, method: linear}\n";
+  {
+    std::string y = emt::read_file(ck + "/config.yaml");
+    y.replace(y.find("name: s}"), 8, "name: s, seed: 3}");
+    emt::write_file_atomic(ck + "/config.yaml", y);
+  }
+  auto r4 = emt_test::run_cli("score " + dir + "/cfg.yaml --adapter " + ck + " --out " + dir + "/o4");
+  INFO(r4.output);
+  REQUIRE(r4.code == 0);
+  for (const auto& row : read_jsonl(dir + "/o4/results.jsonl")) {
+    CHECK(row["method"] == "linear");
+    CHECK(row["finetune_dataset"] == "digits");
+    CHECK(row["seed"] == 3);
+    CHECK(row["epoch"] == 2);
+  }
+  fs::create_directories(dir + "/their_adapter");
+  fs::copy_file(ck + "/mm_projector.safetensors", dir + "/their_adapter/mm_projector.safetensors");
+  auto r5 = emt_test::run_cli("score " + dir + "/cfg.yaml --adapter " + dir + "/their_adapter --out " + dir + "/o5");
+  INFO(r5.output);
+  REQUIRE(r5.code == 0);
+  for (const auto& row : read_jsonl(dir + "/o5/results.jsonl")) {
+    CHECK(row["method"] == "adapter");
+    CHECK(row["finetune_dataset"] == "their_adapter");
+  }
+  auto rep = emt_test::run_cli("report " + dir + "/out " + dir + "/o4 " + dir + "/o5 --out " + dir + "/rep");
+  INFO(rep.output);
+  CHECK(rep.code == 0);
+  CHECK(fs::exists(dir + "/rep/report.html"));
 }

@@ -220,6 +220,27 @@ TEST_CASE("plain attention masks exactly like a hand-computed softmax", "[models
   CHECK(torch::equal(m2, expect_mask));
 }
 
+TEST_CASE("the attention entry point equals the plain path on padded causal batches", "[models]") {
+  // On LibTorch >= 2 emt::attention is torch::scaled_dot_product_attention; on 1.13 it is the plain path and
+  // this test only checks the dispatch. Shapes of a real decoder step: batch 3, 4 heads, left padding.
+  if (!emt::has_sdpa()) WARN("LibTorch < 2: SDPA is not compiled in, so both sides are the plain path");
+  torch::manual_seed(11);
+  const int64_t B = 3, H = 4, T = 9, hd = 16;
+  auto q = torch::randn({B, H, T, hd}), k = torch::randn({B, H, T, hd}), v = torch::randn({B, H, T, hd});
+  auto key_mask = torch::ones({B, T}, torch::kLong);
+  key_mask.index_put_({1, torch::indexing::Slice(0, 3)}, 0);  // row 1: three pad slots on the left
+  key_mask.index_put_({2, torch::indexing::Slice(0, 8)}, 0);  // row 2: one real token
+  auto mask = emt::causal_mask(key_mask, B, 0, T, T, torch::kCPU);
+  CHECK(max_diff(emt::attention(q, k, v, mask), emt::attention_plain(q, k, v, mask)) <= 1e-5);
+  CHECK(max_diff(emt::attention(q, k, v, {}), emt::attention_plain(q, k, v, {})) <= 1e-5);
+  // decoding with a KV cache: one query at slot T-1 against all T keys
+  auto m1 = emt::causal_mask(key_mask, B, T - 1, 1, T, torch::kCPU);
+  auto q1 = q.narrow(2, T - 1, 1);
+  CHECK(max_diff(emt::attention(q1, k, v, m1), emt::attention_plain(q1, k, v, m1)) <= 1e-5);
+  // and the comparison is sensitive: a different mask gives a different result
+  CHECK(max_diff(emt::attention(q, k, v, {}), emt::attention_plain(q, k, v, mask)) > 1e-2);
+}
+
 TEST_CASE("positions come from the padding mask", "[models]") {
   auto pos = emt::positions_from_mask(torch::tensor({{0, 0, 1, 1, 1}, {1, 1, 1, 1, 0}}, torch::kLong));
   CHECK(torch::equal(pos, torch::tensor({{0, 0, 0, 1, 2}, {0, 1, 2, 3, 0}}, torch::kLong)));
@@ -346,13 +367,28 @@ TEST_CASE("left-padded batched generation equals unpadded single-sample generati
   stop.eos_id = g[0][2];
   auto gs = emt::generate(model, images.narrow(0, 0, 1), a, torch::ones_like(a), stop);
   CHECK(gs[0] == std::vector<int64_t>(g[0].begin(), g[0].begin() + 2));
-  // sampling is reproducible from the seed
+  // sampling is reproducible from the seed, and the seed matters: of four other seeds at least one differs
   emt::GenerateOptions s1;
-  s1.max_new_tokens = 5;
+  s1.max_new_tokens = 8;
   s1.temperature = 1.5;
   s1.top_p = 0.9;
   s1.seed = 11;
-  CHECK(emt::generate(model, images, batch, mask, s1) == emt::generate(model, images, batch, mask, s1));
+  const auto sampled = emt::generate(model, images, batch, mask, s1);
+  CHECK(emt::generate(model, images, batch, mask, s1) == sampled);
+  int differ = 0;
+  for (uint64_t seed : {12, 13, 14, 15}) {
+    auto o = s1;
+    o.seed = seed;
+    differ += emt::generate(model, images, batch, mask, o) != sampled;
+  }
+  CHECK(differ >= 1);
+  // temperature 0 is greedy whatever the seed and top_p
+  auto greedy = s1;
+  greedy.temperature = 0.0;
+  greedy.max_new_tokens = 6;
+  CHECK(emt::generate(model, images, batch, mask, greedy) == g);
+  greedy.seed = 99;
+  CHECK(emt::generate(model, images, batch, mask, greedy) == g);
 }
 
 TEST_CASE("activation checkpointing gives the same gradients", "[models]") {

@@ -96,7 +96,16 @@ TEST_CASE("LLaMA matches the reference golden", "[models]") {
   // bf16 load converts every tensor
   auto half = emt::load_llama(dir, torch::kBFloat16);
   CHECK(half->model->layers->ptr<emt::LlamaDecoderLayerImpl>(0)->mlp->up_proj->weight.scalar_type() == torch::kBFloat16);
-  CHECK(max_diff(half->forward(fx["input.ids"]).narrow(0, 0, 1), logits.narrow(0, 0, 1)) <= 0.5);
+  // bf16 keeps 8 significant bits (relative rounding 2^-9 per value); weights and activations rounded through
+  // the layers move the logits by a few tenths of a percent of their range. Every real token is checked, at 1%
+  // of the range (measured: see the INFO line on failure), and the next-token choice must not change.
+  auto hl = half->forward(fx["input.ids"], fx["input.mask"]).to(torch::kFloat32);
+  const double range = (logits.max() - logits.min()).item<double>();
+  const double err = max_diff(hl.masked_select(real), logits.masked_select(real));
+  INFO("bf16 vs f32 logits: max abs diff " << err << " over a range of " << range);
+  CHECK(err <= 0.01 * range);
+  CHECK(torch::equal(hl.argmax(-1).masked_select(fx["input.mask"].to(torch::kBool)),
+                     logits.argmax(-1).masked_select(fx["input.mask"].to(torch::kBool))));
 }
 
 TEST_CASE("LLaVA matches the reference golden", "[models]") {
@@ -163,6 +172,11 @@ TEST_CASE("key styles map onto the module names", "[models]") {
   CHECK(emt::llava_module_key("model.vision_tower.vision_model.post_layernorm.bias") ==
         "vision_tower.vision_model.post_layernorm.bias");
   CHECK(emt::llava_module_key("model.multi_modal_projector.linear_2.bias") == "multi_modal_projector.linear_2.bias");
+  // transformers 5's tower without the `vision_model.` level
+  CHECK(emt::llava_module_key("vision_tower.embeddings.class_embedding") ==
+        "vision_tower.vision_model.embeddings.class_embedding");
+  CHECK(emt::llava_module_key("model.vision_tower.encoder.layers.0.mlp.fc1.weight") ==
+        "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight");
   CHECK(emt::llava_module_key("model.mm_projector.0.weight") == "multi_modal_projector.linear_1.weight");
   CHECK(emt::llava_module_key("model.mm_projector.2.bias") == "multi_modal_projector.linear_2.bias");
   CHECK(emt::llava_module_key("vision_tower.vision_model.embeddings.position_ids").empty());

@@ -12,6 +12,11 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 #include <sstream>
+#include <algorithm>
+#include <cstdlib>
+#include <cmath>
+#include <map>
+#include <tuple>
 
 #include "test/helpers.h"
 
@@ -276,4 +281,98 @@ TEST_CASE("emt report CLI combines runs and reports errors with exit codes", "[r
   auto rb = emt_test::run_cli("report " + bad + " --out " + out);
   CHECK(rb.code == 1);
   CHECK(rb.output.find("results.jsonl:1") != std::string::npos);
+}
+
+namespace {
+// Centroid (x, y) of the pixels of one colour (BGR, exact) inside [0, x_max) of a decoded plot; count in .z.
+cv::Point3d colour_centroid(const cv::Mat& img, const cv::Vec3b& colour, int x_max) {
+  double sx = 0, sy = 0, n = 0;
+  for (int y = 0; y < img.rows; ++y)
+    for (int x = 0; x < x_max; ++x)
+      if (img.at<cv::Vec3b>(y, x) == colour) sx += x, sy += y, n += 1;
+  return {n ? sx / n : -1, n ? sy / n : -1, n};
+}
+}  // namespace
+
+TEST_CASE("the accuracy plot puts each point at its accuracy", "[report]") {
+  // One eval dataset, base and one epoch: two filled markers of the first palette colour. Their centres must sit
+  // on a linear 0..100 % scale (found from three renders) and the higher accuracy higher up the image.
+  auto row = [](const std::string& method, int64_t epoch, double acc) {
+    emt::ResultRow r;
+    r.method = method;
+    r.finetune_dataset = method == "base" ? "" : "d";
+    r.epoch = epoch;
+    r.eval_dataset = "d";
+    r.n = 100;
+    r.n_correct = static_cast<int64_t>(std::lround(100 * acc));
+    r.n_incorrect = r.n - r.n_correct;
+    r.accuracy = acc;
+    return r;
+  };
+  auto render = [&](double base, double epoch1) {
+    emt::ResultRow b = row("base", 0, base), e = row("lora", 1, epoch1);
+    auto R = emt::accuracy_tensor({b, e}, "strict");
+    auto png = emt::plot_accuracy_png(R, 0, 0);
+    return cv::imdecode(std::vector<uchar>(png.begin(), png.end()), cv::IMREAD_COLOR);
+  };
+  // the marker colour: the most frequent non-grey colour left of the legend in a plot with one series
+  auto probe = render(0.5, 0.5);
+  std::map<std::tuple<int, int, int>, int> freq;
+  for (int y = 0; y < probe.rows; ++y)
+    for (int x = 0; x < emt::kPlotWidth - 220; ++x) {
+      auto p = probe.at<cv::Vec3b>(y, x);
+      if (p[0] == p[1] && p[1] == p[2]) continue;  // white, black, grey grid and axes
+      ++freq[{p[0], p[1], p[2]}];
+    }
+  REQUIRE_FALSE(freq.empty());
+  auto best = std::max_element(freq.begin(), freq.end(), [](auto& a, auto& b) { return a.second < b.second; });
+  const cv::Vec3b colour(std::get<0>(best->first), std::get<1>(best->first), std::get<2>(best->first));
+  // With both points at one accuracy the series is a horizontal line through two markers, all centred on the
+  // accuracy's y: the colour's centroid is that y.
+  auto y_of = [&](double a) {
+    auto img = render(a, a);
+    auto c = colour_centroid(img, colour, emt::kPlotWidth - 220);
+    REQUIRE(c.z > 100);
+    return c.y;
+  };
+  const double y0 = y_of(0.0), y25 = y_of(0.25), y75 = y_of(0.75), y100 = y_of(1.0);
+  INFO("y(0%) " << y0 << ", y(25%) " << y25 << ", y(75%) " << y75 << ", y(100%) " << y100);
+  CHECK(y100 < y0 - 200);                               // 100 % far above 0 % (the plot area is 390 px high)
+  CHECK(std::abs(y25 - (y0 + 0.25 * (y100 - y0))) <= 1.5);  // 25 % a quarter of the way up
+  CHECK(std::abs(y75 - (y0 + 0.75 * (y100 - y0))) <= 1.5);  // 75 % three quarters
+}
+
+namespace {
+// A report file as the golden holds it: the run directory (a scratch path) as <run>, and each inlined PNG as
+// its length (the pixels are the plot tests' business; their bytes follow the PNG encoder's version).
+std::string golden_form(std::string text, const std::string& run_dir) {
+  for (size_t p; (p = text.find(run_dir)) != std::string::npos;) text.replace(p, run_dir.size(), "<run>");
+  const std::string tag = "data:image/png;base64,";
+  for (size_t p = text.find(tag); p != std::string::npos; p = text.find(tag, p + 1)) {
+    size_t b = p + tag.size(), e = text.find('"', b);
+    text.replace(b, e - b, "<" + std::to_string(e - b) + " base64 chars>");
+  }
+  return text;
+}
+}  // namespace
+
+TEST_CASE("report output equals the golden files byte for byte", "[report]") {
+  // The golden files in test/fixtures/report were written by this code and equal, file for file, what the
+  // report wrote before its writer was split into steps. EMT_UPDATE_GOLDEN=1 rewrites them.
+  std::string run = write_run("report-golden", report_lines());
+  std::string out = emt_test::scratch_dir("report-golden-out");
+  emt::write_report(emt::load_results({run}), {out, "strict", "golden"});
+  const std::string golden = std::string(EMT_SOURCE_DIR) + "/test/fixtures/report/";
+  const bool update = std::getenv("EMT_UPDATE_GOLDEN") && std::string(std::getenv("EMT_UPDATE_GOLDEN")) == "1";
+  for (const char* f : {"accuracy.csv", "accuracy_matrix_linear.csv", "accuracy_matrix_lora.csv", "forgetting.csv",
+                        "summary.csv", "encoder_gap.csv", "verdicts.csv", "report.json", "report.html"}) {
+    INFO(f);
+    const std::string got = golden_form(slurp(out + "/" + f), run);
+    if (update) {
+      fs::create_directories(golden);
+      std::ofstream(golden + f, std::ios::binary) << got;
+    }
+    REQUIRE(fs::exists(golden + f));
+    CHECK(got == slurp(golden + f));
+  }
 }

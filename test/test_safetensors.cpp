@@ -89,7 +89,7 @@ TEST_CASE("safetensors reads the golden reference file exactly", "[safetensors]"
   CHECK(r.load("ids")[2].item<int64_t>() == (int64_t(1) << 40));
 }
 
-TEST_CASE("safetensors writer is byte-identical to the reference layout", "[safetensors]") {
+TEST_CASE("safetensors writer is byte-identical to the safetensors library", "[safetensors]") {
   const std::string dir = emt_test::scratch_dir("st_golden");
   const std::string out = dir + "/golden.safetensors";
   emt::save_safetensors(out, golden_tensors(), {{"format", "pt"}});

@@ -1,6 +1,6 @@
 // Tokenizers: SentencePiece through the plug-in in the same process as LibTorch (training, round trips,
-// special tokens, HF added tokens, errors) and CLIP's byte-level BPE against ids from an independent Python
-// implementation (scripts/fixtures/make_clip_bpe_fixture.py).
+// special tokens, HF added tokens, errors) and CLIP's byte-level BPE against the ids transformers' CLIPTokenizer
+// gives on the same files (scripts/fixtures/make_clip_bpe_fixture.py; scripts/interop.sh checks the real vocabulary).
 #include <emt/core/error.h>
 #include <emt/core/tokenizer.h>
 #include <torch/torch.h>
@@ -228,7 +228,7 @@ TEST_CASE("load_hf_tokenizer honours added token ids", "[tokenizer]") {
   }
 }
 
-TEST_CASE("CLIP byte-level BPE matches an independent implementation", "[tokenizer]") {
+TEST_CASE("CLIP byte-level BPE matches transformers' CLIPTokenizer on a tiny vocabulary", "[tokenizer]") {
   const std::string fx = std::string(EMT_SOURCE_DIR) + "/test/fixtures/tokenizer/";
   auto tok = emt::load_clip_bpe(fx + "clip_vocab.json", fx + "clip_merges.txt");
   CHECK(tok->vocab_size() == 533);

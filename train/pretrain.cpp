@@ -479,8 +479,7 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
   }
   auto t0 = std::chrono::steady_clock::now();
   const auto dev = resolve_device(cfg.run.device);
-  set_threads(cfg.run.threads);
-  seed_everything(static_cast<uint64_t>(cfg.run.seed));
+  apply_run_section(cfg.run);
 
   const auto srcs = pretrain_sources(cfg);
   const auto captions = pretrain_language_sets(cfg, srcs, /*captions_only=*/true);

@@ -7,6 +7,7 @@
 #include <emt/train/trainer.h>
 #include <sys/resource.h>
 #include <torch/torch.h>
+#include <torch/version.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -19,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <sstream>
+#include <type_traits>
 
 namespace emt {
 namespace fs = std::filesystem;
@@ -78,6 +80,52 @@ double peak_memory_mb(const torch::Device& dev) {
   return ru.ru_maxrss / 1024.0;  // Linux reports KiB
 }
 
+// Optimizer::state() is keyed by the parameter's TensorImpl: as its printed address (a string) up to LibTorch
+// 2.1, as the pointer itself from 2.2 on. The key type is read off the map, so no version number is guessed.
+template <typename Key>
+Key state_key_as(const torch::Tensor& p) {
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream os;
+    os << p.unsafeGetTensorImpl();
+    return os.str();
+  } else {
+    return Key(p.unsafeGetTensorImpl());
+  }
+}
+
+auto state_key(torch::optim::Optimizer& opt, const torch::Tensor& p) {
+  using Key = typename std::decay_t<decltype(opt.state())>::key_type;
+  return state_key_as<Key>(p);
+}
+
+// bf16 autocast on or off for the device's type. LibTorch 2.4 replaced the per-device setters by ones taking a
+// device type; both spellings do the same thing.
+void set_autocast(bool cuda, bool on) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  const auto type = cuda ? at::kCUDA : at::kCPU;
+  at::autocast::set_autocast_enabled(type, on);
+  if (on) at::autocast::set_autocast_dtype(type, torch::kBFloat16);
+#else
+  if (cuda) {
+    at::autocast::set_enabled(on);
+    if (on) at::autocast::set_autocast_gpu_dtype(torch::kBFloat16);
+  } else {
+    at::autocast::set_cpu_enabled(on);
+    if (on) at::autocast::set_autocast_cpu_dtype(torch::kBFloat16);
+  }
+#endif
+  if (!on) at::autocast::clear_cache();
+}
+
+// Autocast for one forward pass; switched off again even when the pass throws.
+struct AutocastScope {
+  bool cuda, on;
+  AutocastScope(bool cuda_, bool on_) : cuda(cuda_), on(on_) { if (on) set_autocast(cuda, true); }
+  ~AutocastScope() { if (on) set_autocast(cuda, false); }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+};
+
 // Whole-tensor serialisation through safetensors keeps checkpoints inspectable with standard tools.
 NamedTensors optimizer_tensors(torch::optim::Optimizer& opt) {
   NamedTensors out;
@@ -86,8 +134,7 @@ NamedTensors optimizer_tensors(torch::optim::Optimizer& opt) {
   for (size_t g = 0; g < groups.size(); ++g) {
     auto& params = groups[g].params();
     for (size_t i = 0; i < params.size(); ++i) {
-      auto key = c10::guts::to_string(params[i].unsafeGetTensorImpl());
-      auto it = state.find(key);
+      auto it = state.find(state_key(opt, params[i]));
       if (it == state.end()) continue;
       auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
       std::string base = "g" + std::to_string(g) + ".p" + std::to_string(i);
@@ -115,7 +162,7 @@ void load_optimizer_tensors(torch::optim::Optimizer& opt, const SafetensorsReade
       s->exp_avg(ea.to(params[i].device()));
       s->exp_avg_sq(eas.to(params[i].device()));
       s->step(r.load(base + ".step").item<int64_t>());
-      state[c10::guts::to_string(params[i].unsafeGetTensorImpl())] = std::move(s);
+      state[state_key(opt, params[i])] = std::move(s);
     }
   }
 }
@@ -169,13 +216,27 @@ std::map<std::string, std::string> resume_compat(const RunConfig& c) {
   std::ostringstream lora;
   lora << f.lora.r << "/" << f.lora.alpha << "/" << f.lora.use_rslora << "/" << f.lora.target_regex << "/";
   for (auto& t : f.lora.target_modules) lora << t << ",";
+  auto num = [](double x) { return fmt::format("{}", x); };  // shortest exact form: 2e-4 stays 0.0002
+  // Everything that shapes the trajectory: a resumed run must continue the very schedule it stopped in
+  // (changing epochs or max_steps changes the cosine curve of steps already taken).
   return {{"model", shapes.str()},
           {"finetune.dataset", f.dataset},
           {"finetune.method", f.method},
           {"finetune.batch_size", std::to_string(f.batch_size)},
           {"finetune.grad_accum", std::to_string(f.grad_accum)},
+          {"finetune.epochs", std::to_string(f.epochs)},
+          {"finetune.max_steps", std::to_string(f.max_steps)},
+          {"finetune.learning_rate", num(f.learning_rate)},
+          {"finetune.projector_lr", num(f.projector_lr)},
+          {"finetune.weight_decay", num(f.weight_decay)},
+          {"finetune.adam", num(f.adam_beta1) + "/" + num(f.adam_beta2) + "/" + num(f.adam_eps)},
+          {"finetune.schedule", f.schedule},
+          {"finetune.warmup", num(f.warmup_ratio) + " ratio / " + std::to_string(f.warmup_steps) + " steps"},
+          {"finetune.max_grad_norm", num(f.max_grad_norm)},
+          {"finetune.precision", f.precision},
           {"finetune.lora", lora.str()},
           {"finetune.prompt_tuning.num_virtual_tokens", std::to_string(f.prompt_tuning.num_virtual_tokens)},
+          {"run.dtype", c.run.dtype},
           {"run.seed", std::to_string(c.run.seed)}};
 }
 
@@ -307,211 +368,250 @@ void Trainer::prune_checkpoints() {
   for (size_t i = 0; i + opts_.keep_last_n < epochs.size(); ++i) fs::remove_all(epochs[i].second, ec);
 }
 
-TrainSummary Trainer::fit() {
+// Everything one fit() call carries between its steps: the plan, the position, the loop's running sums.
+struct Trainer::Loop {
   TrainSummary summary;
   State st;
-  const int64_t per_epoch = data_.num_batches();
-  if (per_epoch <= 0) throw ConfigError("[trainer] the training data yields no batches (dataset empty or smaller than one batch with drop_last)");
-  const int64_t steps_per_epoch = (per_epoch + opts_.grad_accum - 1) / opts_.grad_accum;
-  int64_t total = steps_per_epoch * opts_.epochs;
-  if (opts_.max_steps > 0) total = opts_.epochs > 0 ? std::min(total, opts_.max_steps) : opts_.max_steps;
-  const int64_t warmup = warmup_for(opts_.warmup_ratio, opts_.warmup_steps, total);
-  const int64_t max_epochs = opts_.max_steps > 0 && opts_.epochs <= 0
-                                 ? (opts_.max_steps + steps_per_epoch - 1) / steps_per_epoch
-                                 : opts_.epochs;
-
-  log_debug("[trainer] {}: {} batches per epoch, {} optimizer steps in total over up to {} epochs, warmup {}",
-            opts_.label, per_epoch, total, max_epochs, warmup);
+  int64_t per_epoch = 0, total = 0, warmup = 0, max_epochs = 0;
   std::unique_ptr<JsonlWriter> metrics;
-  if (!opts_.run_dir.empty()) {
-    fs::create_directories(opts_.run_dir);
-    if (opts_.resume) {
-      if (auto ck = latest_checkpoint(opts_.run_dir)) {
-        load_checkpoint(*ck, st);
-        summary.resumed = true;
-        log_info("[trainer] resumed from {} (epoch {}, batch {}, step {})", *ck, st.epoch + 1, st.batch, st.step);
-      }
-    }
-    // Metrics lines past the checkpoint belong to work that is about to be redone.
-    auto mpath = fs::path(opts_.run_dir) / "metrics.jsonl";
-    if (fs::exists(mpath)) {
-      std::istringstream in(read_file(mpath.string()));
-      std::string kept, line;
-      while (std::getline(in, line)) {
-        try {
-          auto j = json::parse(line);
-          if (j.value("step", int64_t{0}) <= st.step && summary.resumed) kept += line + "\n";
-        } catch (const std::exception&) {
-        }
-      }
-      write_file_atomic(mpath.string(), kept);
-    }
-    metrics = std::make_unique<JsonlWriter>(mpath.string());
-  }
-
-  SignalGuard signals(opts_.handle_signals);
-  const bool bf16 = opts_.precision == "bf16";
-  const bool cuda = opts_.device.is_cuda();
   std::vector<torch::Tensor> params;
-  for (auto& g : groups_)
-    for (auto& p : g.params) params.push_back(p);
   std::vector<double> base_lr;
-  for (auto& g : groups_) base_lr.push_back(g.lr);
-
-  objective_.set_train(true);
-  auto t0 = std::chrono::steady_clock::now();
-  auto t_log = t0;
+  std::chrono::steady_clock::time_point t0, t_log;
   int64_t samples_since = 0, tokens_since = 0, samples_total = 0;
-  Progress progress(opts_.label, total);
-  bool stop = st.step >= total;
+  std::unique_ptr<Progress> progress;
+  bool stop = false;
+};
 
-  for (; st.epoch < max_epochs && !stop; ++st.epoch) {
-    data_.start_epoch(st.epoch, st.batch);
-    Batch batch;
-    int64_t micro = 0;
-    torch::Tensor acc_loss = torch::zeros({}, torch::kFloat32);
-    double last_grad_norm = 0.0;
-    bool have_batch = data_.next(batch);
-    while (have_batch) {
-      // one micro-step
-      torch::Tensor loss;
-      StepLoss sl;
-      {
-        if (bf16) {
-          if (cuda) at::autocast::set_enabled(true);
-          else at::autocast::set_cpu_enabled(true), at::autocast::set_autocast_cpu_dtype(torch::kBFloat16);
-        }
-        sl = objective_.loss(batch);
-        if (bf16) {
-          if (cuda) at::autocast::set_enabled(false);
-          else at::autocast::set_cpu_enabled(false);
-          at::autocast::clear_cache();
-        }
-      }
-      loss = sl.loss.to(torch::kFloat32);
-      (loss / static_cast<double>(opts_.grad_accum)).backward();
-      acc_loss = acc_loss + loss.detach().to(torch::kCPU);
-      samples_since += sl.samples;
-      tokens_since += sl.tokens;
-      samples_total += sl.samples;
-      ++micro;
-      ++st.batch;
-      have_batch = data_.next(batch);
-      bool boundary = micro == opts_.grad_accum || !have_batch;
-      if (!boundary) continue;
-
-      // one optimizer step: a single host sync decides whether the step is finite
-      double mean_loss = acc_loss.item<double>() / static_cast<double>(micro);
-      torch::Tensor norm_sq = torch::zeros({}, torch::kFloat32);
-      for (auto& p : params)
-        if (p.grad().defined()) norm_sq = norm_sq + p.grad().detach().to(torch::kFloat32).pow(2).sum().cpu();
-      double grad_norm = std::sqrt(norm_sq.item<double>());
-      bool finite = std::isfinite(mean_loss) && std::isfinite(grad_norm);
-      if (!finite) {
-        ++st.skipped;
-        ++st.bad_in_row;
-        ++summary.skipped_nonfinite;
-        optimizer_->zero_grad();
-        log_warn("[trainer] non-finite loss/gradient at step {} (loss {}, grad norm {}): step skipped ({} in a row)",
-                 st.step + 1, mean_loss, grad_norm, st.bad_in_row);
-        if (st.bad_in_row >= opts_.nan_patience) {
-          auto prev = latest_checkpoint(opts_.run_dir);
-          throw Error("[trainer] " + std::to_string(st.bad_in_row) +
-                      " non-finite steps in a row (finetune.nan_patience); stopping. Last good checkpoint: " +
-                      (prev ? *prev : std::string("none")));
-        }
-      } else {
-        st.bad_in_row = 0;
-        if (opts_.max_grad_norm > 0 && grad_norm > opts_.max_grad_norm) {
-          torch::NoGradGuard ng;
-          double coef = opts_.max_grad_norm / (grad_norm + 1e-6);
-          for (auto& p : params)
-            if (p.grad().defined()) p.grad().mul_(coef);
-        }
-        double f = schedule_factor(opts_.schedule, st.step, total, warmup);
-        auto& pgs = optimizer_->param_groups();
-        for (size_t g = 0; g < pgs.size(); ++g)
-          static_cast<torch::optim::AdamWOptions&>(pgs[g].options()).lr(base_lr[g] * f);
-        optimizer_->step();
-        optimizer_->zero_grad();
-        st.epoch_loss_sum += mean_loss;
-        st.epoch_loss_n += 1;
-        summary.losses.push_back(mean_loss);
-        summary.last_loss = mean_loss;
-      }
-      last_grad_norm = grad_norm;
-      ++st.step;
-      micro = 0;
-      acc_loss = torch::zeros({}, torch::kFloat32);
-
-      if (metrics && (st.step % opts_.log_every_steps == 0 || !have_batch)) {
-        auto now = std::chrono::steady_clock::now();
-        double dt = std::max(1e-9, std::chrono::duration<double>(now - t_log).count());
-        double lr0 = static_cast<torch::optim::AdamWOptions&>(optimizer_->param_groups()[0].options()).lr();
-        metrics->write({{"step", st.step}, {"epoch", st.epoch + 1}, {"loss", mean_loss}, {"lr", lr0},
-                        {"grad_norm", last_grad_norm}, {"samples_per_s", samples_since / dt},
-                        {"tokens_per_s", tokens_since / dt}, {"peak_mem_mb", peak_memory_mb(opts_.device)},
-                        {"skipped_nonfinite", st.skipped}});
-        t_log = now;
-        samples_since = tokens_since = 0;
-      }
-      if (opts_.progress) progress.update(st.step, fmt::format("epoch {} loss {:.4f}", st.epoch + 1, mean_loss));
-
-      maybe_inject_fault(st.step);
-      bool preempt = g_signal.load() != 0;
-      bool step_ck = opts_.checkpoint_every_steps > 0 && st.step % opts_.checkpoint_every_steps == 0 && have_batch;
-      if (preempt || (step_ck && !opts_.run_dir.empty())) {
-        save_checkpoint("step_last", st);
-        if (preempt) {
-          int sig = g_signal.exchange(0);
-          throw Preempted(fmt::format("[trainer] received signal {} at step {}: checkpoint written to {}/step_last; "
-                                      "rerun with --resume",
-                                      sig, st.step, opts_.run_dir));
-        }
-      }
-      if (opts_.max_steps > 0 && st.step >= opts_.max_steps) {
-        stop = true;
-        break;
-      }
-    }
-    if (stop && have_batch) {
-      // max_steps reached mid-epoch: checkpoint the exact position, then stop.
-      save_checkpoint("step_last", st);
-      break;
-    }
-    // epoch finished
-    EpochEnd ee;
-    ee.epoch = st.epoch + 1;
-    ee.step = st.step;
-    ee.mean_loss = st.epoch_loss_n ? st.epoch_loss_sum / st.epoch_loss_n : std::nan("");
-    State next = st;
-    next.epoch = st.epoch + 1;
-    next.batch = 0;
-    next.epoch_loss_sum = 0;
-    next.epoch_loss_n = 0;
-    std::string name = "epoch_" + std::to_string(ee.epoch);
-    save_checkpoint(name, next);
-    if (!opts_.run_dir.empty()) {
-      ee.checkpoint_dir = (fs::path(opts_.run_dir) / name).string();
-      std::error_code ec;
-      fs::remove_all(fs::path(opts_.run_dir) / "step_last", ec);
-    }
-    prune_checkpoints();
-    log_info("[trainer] {} epoch {} done: step {}, mean loss {:.4f}", opts_.label, ee.epoch, ee.step, ee.mean_loss);
-    objective_.set_train(false);
-    for (auto& cb : callbacks_) cb(ee);
-    objective_.set_train(true);
-    summary.epochs_done = ee.epoch;
-    st.batch = 0;  // the loop increment moves st.epoch to next.epoch
-    st.epoch_loss_sum = 0.0;
-    st.epoch_loss_n = 0;
+TrainSummary Trainer::fit() {
+  Loop run;
+  plan(run);
+  open_run_dir(run);
+  SignalGuard signals(opts_.handle_signals);
+  for (auto& g : groups_) {
+    for (auto& p : g.params) run.params.push_back(p);
+    run.base_lr.push_back(g.lr);
+  }
+  objective_.set_train(true);
+  run.t0 = run.t_log = std::chrono::steady_clock::now();
+  run.progress = std::make_unique<Progress>(opts_.label, run.total);
+  run.stop = run.st.step >= run.total;
+  for (; run.st.epoch < run.max_epochs && !run.stop; ++run.st.epoch) {
+    if (!train_epoch(run)) break;  // stopped mid-epoch at max_steps, position checkpointed
+    end_epoch(run);
   }
   objective_.set_train(false);
-  if (opts_.progress) progress.finish(fmt::format("loss {:.4f}", summary.last_loss));
-  summary.steps = st.step;
-  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  summary.samples_per_s = summary.seconds > 0 ? samples_total / summary.seconds : 0.0;
-  return summary;
+  if (opts_.progress) run.progress->finish(fmt::format("loss {:.4f}", run.summary.last_loss));
+  run.summary.steps = run.st.step;
+  run.summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run.t0).count();
+  run.summary.samples_per_s = run.summary.seconds > 0 ? run.samples_total / run.summary.seconds : 0.0;
+  return run.summary;
+}
+
+// Optimizer steps per epoch and in total, warmup, and how many epochs max_steps allows.
+void Trainer::plan(Loop& run) const {
+  run.per_epoch = data_.num_batches();
+  if (run.per_epoch <= 0)
+    throw ConfigError("[trainer] the training data yields no batches (dataset empty or smaller than one batch with drop_last)");
+  const int64_t steps_per_epoch = (run.per_epoch + opts_.grad_accum - 1) / opts_.grad_accum;
+  run.total = steps_per_epoch * opts_.epochs;
+  if (opts_.max_steps > 0) run.total = opts_.epochs > 0 ? std::min(run.total, opts_.max_steps) : opts_.max_steps;
+  run.warmup = warmup_for(opts_.warmup_ratio, opts_.warmup_steps, run.total);
+  run.max_epochs = opts_.max_steps > 0 && opts_.epochs <= 0 ? (opts_.max_steps + steps_per_epoch - 1) / steps_per_epoch
+                                                            : opts_.epochs;
+  log_debug("[trainer] {}: {} batches per epoch, {} optimizer steps in total over up to {} epochs, warmup {}",
+            opts_.label, run.per_epoch, run.total, run.max_epochs, run.warmup);
+}
+
+// Resume from the newest checkpoint (or refuse to start over on top of one), and keep only the metrics lines
+// that the position reached covers.
+void Trainer::open_run_dir(Loop& run) {
+  if (opts_.run_dir.empty()) return;
+  fs::create_directories(opts_.run_dir);
+  if (opts_.resume) {
+    if (auto ck = latest_checkpoint(opts_.run_dir)) {
+      load_checkpoint(*ck, run.st);
+      run.summary.resumed = true;
+      log_info("[trainer] resumed from {} (epoch {}, batch {}, step {})", *ck, run.st.epoch + 1, run.st.batch,
+               run.st.step);
+    }
+  } else if (auto ck = latest_checkpoint(opts_.run_dir)) {
+    // Starting over here would leave checkpoints of the earlier run beside the new ones, and a later
+    // --resume would pick whichever has the most steps.
+    throw ConfigError("[trainer] run directory '" + opts_.run_dir + "' already holds checkpoints of an earlier "
+                      "run (newest: '" + *ck + "'): resume it (--resume), or remove that directory or choose "
+                      "another run.name to start over");
+  }
+  // Metrics lines past the checkpoint belong to work that is about to be redone.
+  auto mpath = fs::path(opts_.run_dir) / "metrics.jsonl";
+  if (fs::exists(mpath)) {
+    std::istringstream in(read_file(mpath.string()));
+    std::string kept, line;
+    while (std::getline(in, line)) {
+      try {
+        auto j = json::parse(line);
+        if (j.value("step", int64_t{0}) <= run.st.step && run.summary.resumed) kept += line + "\n";
+      } catch (const std::exception&) {
+      }
+    }
+    write_file_atomic(mpath.string(), kept);
+  }
+  run.metrics = std::make_unique<JsonlWriter>(mpath.string());
+}
+
+// The micro-steps of one epoch, an optimizer step every grad_accum of them. False when max_steps stopped the
+// run in the middle of the epoch (its position is then checkpointed as step_last).
+bool Trainer::train_epoch(Loop& run) {
+  auto& st = run.st;
+  const bool bf16 = opts_.precision == "bf16";
+  const bool cuda = opts_.device.is_cuda();
+  data_.start_epoch(st.epoch, st.batch);
+  Batch batch;
+  int64_t micro = 0;
+  torch::Tensor acc_loss = torch::zeros({}, torch::kFloat32);
+  bool have_batch = data_.next(batch);
+  while (have_batch) {
+    StepLoss sl;
+    {
+      AutocastScope autocast(cuda, bf16);
+      sl = objective_.loss(batch);
+    }
+    torch::Tensor loss = sl.loss.to(torch::kFloat32);
+    (loss / static_cast<double>(opts_.grad_accum)).backward();
+    acc_loss = acc_loss + loss.detach().to(torch::kCPU);
+    run.samples_since += sl.samples;
+    run.tokens_since += sl.tokens;
+    run.samples_total += sl.samples;
+    ++micro;
+    ++st.batch;
+    have_batch = data_.next(batch);
+    if (micro < opts_.grad_accum && have_batch) continue;
+
+    const double mean_loss = acc_loss.item<double>() / static_cast<double>(micro);
+    const double grad_norm = optimizer_step(run, mean_loss);
+    micro = 0;
+    acc_loss = torch::zeros({}, torch::kFloat32);
+    log_step(run, mean_loss, grad_norm, !have_batch);
+    checkpoint_or_preempt(run, have_batch);
+    if (opts_.max_steps > 0 && st.step >= opts_.max_steps) {
+      run.stop = true;
+      break;
+    }
+  }
+  if (run.stop && have_batch) {
+    save_checkpoint("step_last", st);  // max_steps reached mid-epoch: checkpoint the exact position
+    return false;
+  }
+  return true;
+}
+
+// One optimizer step on the accumulated gradients. A single host sync decides whether the step is finite; a
+// non-finite one is skipped and counted, and nan_patience of them in a row stop the run. Returns the
+// gradient norm before clipping.
+double Trainer::optimizer_step(Loop& run, double mean_loss) {
+  auto& st = run.st;
+  torch::Tensor norm_sq = torch::zeros({}, torch::kFloat32);
+  for (auto& p : run.params)
+    if (p.grad().defined()) norm_sq = norm_sq + p.grad().detach().to(torch::kFloat32).pow(2).sum().cpu();
+  const double grad_norm = std::sqrt(norm_sq.item<double>());
+  if (!std::isfinite(mean_loss) || !std::isfinite(grad_norm)) {
+    ++st.skipped;
+    ++st.bad_in_row;
+    ++run.summary.skipped_nonfinite;
+    optimizer_->zero_grad();
+    log_warn("[trainer] non-finite loss/gradient at step {} (loss {}, grad norm {}): step skipped ({} in a row)",
+             st.step + 1, mean_loss, grad_norm, st.bad_in_row);
+    if (st.bad_in_row >= opts_.nan_patience) {
+      auto prev = latest_checkpoint(opts_.run_dir);
+      throw Error("[trainer] " + std::to_string(st.bad_in_row) +
+                  " non-finite steps in a row (finetune.nan_patience); stopping. Last good checkpoint: " +
+                  (prev ? *prev : std::string("none")));
+    }
+  } else {
+    st.bad_in_row = 0;
+    if (opts_.max_grad_norm > 0 && grad_norm > opts_.max_grad_norm) {
+      torch::NoGradGuard ng;
+      const double coef = opts_.max_grad_norm / (grad_norm + 1e-6);
+      for (auto& p : run.params)
+        if (p.grad().defined()) p.grad().mul_(coef);
+    }
+    const double f = schedule_factor(opts_.schedule, st.step, run.total, run.warmup);
+    auto& pgs = optimizer_->param_groups();
+    for (size_t g = 0; g < pgs.size(); ++g)
+      static_cast<torch::optim::AdamWOptions&>(pgs[g].options()).lr(run.base_lr[g] * f);
+    optimizer_->step();
+    optimizer_->zero_grad();
+    st.epoch_loss_sum += mean_loss;
+    st.epoch_loss_n += 1;
+    run.summary.losses.push_back(mean_loss);
+    run.summary.last_loss = mean_loss;
+  }
+  ++st.step;
+  return grad_norm;
+}
+
+// A metrics.jsonl line every log_every_steps steps and at the end of an epoch; the progress line.
+void Trainer::log_step(Loop& run, double mean_loss, double grad_norm, bool epoch_end) {
+  const auto& st = run.st;
+  if (run.metrics && (st.step % opts_.log_every_steps == 0 || epoch_end)) {
+    auto now = std::chrono::steady_clock::now();
+    const double dt = std::max(1e-9, std::chrono::duration<double>(now - run.t_log).count());
+    const double lr0 = static_cast<torch::optim::AdamWOptions&>(optimizer_->param_groups()[0].options()).lr();
+    run.metrics->write({{"step", st.step}, {"epoch", st.epoch + 1}, {"loss", mean_loss}, {"lr", lr0},
+                        {"grad_norm", grad_norm}, {"samples_per_s", run.samples_since / dt},
+                        {"tokens_per_s", run.tokens_since / dt}, {"peak_mem_mb", peak_memory_mb(opts_.device)},
+                        {"skipped_nonfinite", st.skipped}});
+    run.t_log = now;
+    run.samples_since = run.tokens_since = 0;
+  }
+  if (opts_.progress) run.progress->update(st.step, fmt::format("epoch {} loss {:.4f}", st.epoch + 1, mean_loss));
+}
+
+// step_last every checkpoint_every_steps steps inside an epoch, and on a preemption signal (then stop with
+// Preempted, exit code 75 at the CLI).
+void Trainer::checkpoint_or_preempt(Loop& run, bool more_in_epoch) {
+  maybe_inject_fault(run.st.step);
+  const bool preempt = g_signal.load() != 0;
+  const bool step_ck =
+      opts_.checkpoint_every_steps > 0 && run.st.step % opts_.checkpoint_every_steps == 0 && more_in_epoch;
+  if (!preempt && !(step_ck && !opts_.run_dir.empty())) return;
+  save_checkpoint("step_last", run.st);
+  if (preempt) {
+    int sig = g_signal.exchange(0);
+    throw Preempted(fmt::format("[trainer] received signal {} at step {}: checkpoint written to {}/step_last; "
+                                "rerun with --resume",
+                                sig, run.st.step, opts_.run_dir));
+  }
+}
+
+// The epoch's checkpoint (its state already pointing at the next epoch), pruning, then the callbacks (the
+// study scores every dataset there) with the objective in eval mode.
+void Trainer::end_epoch(Loop& run) {
+  auto& st = run.st;
+  EpochEnd ee;
+  ee.epoch = st.epoch + 1;
+  ee.step = st.step;
+  ee.mean_loss = st.epoch_loss_n ? st.epoch_loss_sum / st.epoch_loss_n : std::nan("");
+  State next = st;
+  next.epoch = st.epoch + 1;
+  next.batch = 0;
+  next.epoch_loss_sum = 0;
+  next.epoch_loss_n = 0;
+  const std::string name = "epoch_" + std::to_string(ee.epoch);
+  save_checkpoint(name, next);
+  if (!opts_.run_dir.empty()) {
+    ee.checkpoint_dir = (fs::path(opts_.run_dir) / name).string();
+    std::error_code ec;
+    fs::remove_all(fs::path(opts_.run_dir) / "step_last", ec);
+  }
+  prune_checkpoints();
+  log_info("[trainer] {} epoch {} done: step {}, mean loss {:.4f}", opts_.label, ee.epoch, ee.step, ee.mean_loss);
+  objective_.set_train(false);
+  for (auto& cb : callbacks_) cb(ee);
+  objective_.set_train(true);
+  run.summary.epochs_done = ee.epoch;
+  st.batch = 0;  // the loop's increment moves st.epoch to next.epoch
+  st.epoch_loss_sum = 0.0;
+  st.epoch_loss_n = 0;
 }
 
 }  // namespace emt

@@ -41,7 +41,6 @@ double lora_scale(int64_t r, double alpha, bool use_rslora);
 std::vector<std::string> inject_lora(torch::nn::Module& root, const LoraConfig& cfg,
                                      const std::vector<std::string>& scope = {"language_model."},
                                      bool freeze_base = true);
-void check_lora_config(const LoraConfig& cfg);  // ConfigError naming every invalid field
 
 // W += runtime_scale * scale * B A on every adapted layer (and back). Merged layers keep their deltas so
 // unmerge restores the base weights up to rounding.

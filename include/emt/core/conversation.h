@@ -2,6 +2,7 @@
 // the literal "<image>" placeholder exactly once; the tokenizer maps it to one special id that the model expands
 // into the image's patch embeddings.
 #pragma once
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,11 @@ std::vector<std::string> conversation_names();
 std::string render_prompt(const std::string& template_name, const std::string& system, const std::string& question);
 // What ends an answer in training: "</s>" (the loader appends the eos id) or "###" (llava_v0, appended as text).
 std::string answer_suffix(const std::string& template_name);
+class Tokenizer;
+// The ids of an answer as a training target and as a likelihood candidate: the answer, then EOS (templates
+// ending turns with "</s>") or the template's text suffix. Not thread-safe on its own: callers sharing a
+// tokenizer across threads serialise calls.
+std::vector<int64_t> encode_answer(const Tokenizer& tok, const std::string& template_name, const std::string& answer);
 // Text that ends a generated answer (the evaluator cuts there).
 std::vector<std::string> stop_strings(const std::string& template_name);
 

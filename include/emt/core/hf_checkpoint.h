@@ -13,7 +13,8 @@ class CheckpointReader;
 
 // File key -> the module key of LlavaModel (older llava-hf layout); "" when the key is a known non-persistent
 // buffer to skip (`*.position_ids`, `*.rotary_emb.inv_freq`). Handles the newer `model.language_model.*`,
-// `model.vision_tower.*`, `model.multi_modal_projector.*`, `lm_head.*` and the original `model.mm_projector.0/2`.
+// `model.vision_tower.*`, `model.multi_modal_projector.*`, `lm_head.*`, the original `model.mm_projector.0/2`, and
+// a vision tower without its `vision_model.` level (`vision_tower.embeddings.*`, as transformers 5 writes it).
 std::string llava_module_key(const std::string& file_key);
 // Module key -> file key in `style` "old" (identity) or "new". ConfigError on other styles.
 std::string llava_file_key(const std::string& module_key, const std::string& style);

@@ -122,6 +122,14 @@ class Trainer {
 
  private:
   struct State;
+  struct Loop;  // one fit() call's plan, position and running sums
+  void plan(Loop& run) const;
+  void open_run_dir(Loop& run);
+  bool train_epoch(Loop& run);
+  double optimizer_step(Loop& run, double mean_loss);
+  void log_step(Loop& run, double mean_loss, double grad_norm, bool epoch_end);
+  void checkpoint_or_preempt(Loop& run, bool more_in_epoch);
+  void end_epoch(Loop& run);
   void save_checkpoint(const std::string& name, const State& st);
   void load_checkpoint(const std::string& dir, State& st);
   void prune_checkpoints();
