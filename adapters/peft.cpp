@@ -198,54 +198,6 @@ std::string projector_key(const std::string& param, ProjectorNaming naming, bool
 
 }  // namespace
 
-// ---- key styles ------------------------------------------------------------------------------------------------
-
-KeyStyle parse_key_style(const std::string& s) {
-  if (s == "old") return KeyStyle::Old;
-  if (s == "new") return KeyStyle::New;
-  throw ConfigError("[peft] key_style must be 'old' (language_model.model.*) or 'new' (model.language_model.*), got '" +
-                    s + "'");
-}
-
-std::string to_string(KeyStyle s) { return s == KeyStyle::Old ? "old" : "new"; }
-
-std::string path_to_style(const std::string& p, KeyStyle style) {
-  if (style == KeyStyle::Old) return path_to_old_style(p);
-  if (under(p, "vision_tower") || under(p, "multi_modal_projector")) return "model." + p;
-  if (under(p, "language_model.model")) return replace_root(p, "language_model.model", "model.language_model");
-  if (under(p, "language_model.lm_head")) return replace_root(p, "language_model.lm_head", "lm_head");
-  if (p == "language_model") return "model.language_model";
-  return p;
-}
-
-std::string path_to_old_style(const std::string& p) {
-  if (under(p, "model.vision_tower") || under(p, "model.multi_modal_projector")) return p.substr(6);
-  if (under(p, "model.language_model")) return replace_root(p, "model.language_model", "language_model.model");
-  if (under(p, "lm_head")) return replace_root(p, "lm_head", "language_model.lm_head");
-  return p;
-}
-
-std::optional<KeyStyle> detect_key_style(const std::vector<std::string>& paths, const std::string& file) {
-  bool old_seen = false, new_seen = false;
-  std::string old_example, new_example;
-  for (const auto& p : paths) {
-    if (under(p, "vision_tower") || under(p, "multi_modal_projector") || under(p, "language_model")) {
-      if (!old_seen) old_example = p;
-      old_seen = true;
-    } else if (under(p, "model.vision_tower") || under(p, "model.multi_modal_projector") ||
-               under(p, "model.language_model") || under(p, "lm_head")) {
-      if (!new_seen) new_example = p;
-      new_seen = true;
-    }
-  }
-  if (old_seen && new_seen)
-    throw FormatError("[peft] " + file + ": mixes old-style ('" + old_example + "') and new-style ('" + new_example +
-                      "') llava-hf key names");
-  if (old_seen) return KeyStyle::Old;
-  if (new_seen) return KeyStyle::New;
-  return std::nullopt;
-}
-
 // ---- adapter_config.json ---------------------------------------------------------------------------------------
 
 LoraConfig AdapterFileConfig::to_lora_config() const {
@@ -324,21 +276,18 @@ AdapterFileConfig read_adapter_config(const std::string& dir) {
 
 // ---- LoRA ------------------------------------------------------------------------------------------------------
 
-void save_lora_adapter(torch::nn::Module& model, const LoraConfig& cfg, const std::string& dir,
-                       const LoraSaveOptions& opts) {
-  KeyStyle style = parse_key_style(opts.key_style);
-  if (!opts.dtype.empty()) parse_dtype(opts.dtype);
-  auto layers = lora_layers(model);
-  if (layers.empty()) throw ConfigError("[peft] save_lora_adapter: the model has no LoRA layers to save");
+namespace {
 
+// The LoRA deltas as PEFT names them, checked against what PEFT will recompute from the config: rank and scale
+// from the styled path. Fills `adapted` with the styled layer paths.
+NamedTensors lora_delta_tensors(const std::vector<std::pair<std::string, LinearImpl*>>& layers, const LoraConfig& cfg,
+                                KeyStyle style, const std::string& dtype, std::set<std::string>& adapted) {
   std::vector<std::string> problems;
   NamedTensors tensors;
-  std::set<std::string> adapted;
   for (const auto& [path, lin] : layers) {
     std::string styled = path_to_style(path, style);
     adapted.insert(styled);
     int64_t r = lin->lora_rank();
-    // The file must reproduce the layer: PEFT recomputes rank and scale from the config and the styled path.
     int64_t want_r = lora_rank_for(cfg, styled);
     double want_scale = lora_scale(r, lora_alpha_for(cfg, styled), cfg.use_rslora);
     if (want_r != r || lora_rank_for(cfg, path) != r)
@@ -347,15 +296,21 @@ void save_lora_adapter(torch::nn::Module& model, const LoraConfig& cfg, const st
     else if (std::fabs(want_scale - lin->lora_scale()) > 1e-12 * std::max(1.0, std::fabs(want_scale)))
       problems.push_back("layer '" + path + "' has scale " + std::to_string(lin->lora_scale()) +
                          " but the LoRA settings give " + std::to_string(want_scale) + " for '" + styled + "'");
-    tensors.emplace_back(kPeftPrefix + styled + ".lora_A.weight", for_file(lin->lora_A->weight, opts.dtype));
-    tensors.emplace_back(kPeftPrefix + styled + ".lora_B.weight", for_file(lin->lora_B->weight, opts.dtype));
+    tensors.emplace_back(kPeftPrefix + styled + ".lora_A.weight", for_file(lin->lora_A->weight, dtype));
+    tensors.emplace_back(kPeftPrefix + styled + ".lora_B.weight", for_file(lin->lora_B->weight, dtype));
   }
   if (!problems.empty()) {
     std::string msg = "[peft] save_lora_adapter: the LoRA settings do not describe the model's deltas:";
     for (const auto& p : problems) msg += "\n  - " + p;
     throw ConfigError(msg);
   }
+  return tensors;
+}
 
+// modules_to_save: their whole tensors appended to `tensors` (and the projector file written when asked) -> the
+// config's modules_to_save value.
+json modules_to_save_tensors(torch::nn::Module& model, const std::string& dir, const LoraSaveOptions& opts,
+                             KeyStyle style, NamedTensors& tensors) {
   std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
   for (const auto& m : model.named_modules("", true)) modules[m.key()] = m.value();
   json modules_to_save = nullptr;
@@ -375,11 +330,12 @@ void save_lora_adapter(torch::nn::Module& model, const LoraConfig& cfg, const st
       save_projector_file(*it->second, path_join(dir, opts.projector_file), ProjectorNaming::Llava, opts.dtype);
     }
   }
+  return modules_to_save;
+}
 
-  std::vector<std::string> all_paths;
-  for (auto& p : linear_layers(model)) all_paths.push_back(path_to_style(p.first, style));
-  auto [targets, exclude] = peft_targets(cfg, all_paths, adapted);
-
+// adapter_config.json with every field PEFT 0.17 writes for LoRA.
+json lora_adapter_config(const LoraConfig& cfg, const LoraSaveOptions& opts, const json& modules_to_save,
+                         const json& targets, const json& exclude) {
   json j = {
       {"alpha_pattern", json::object()},
       {"auto_mapping", nullptr},
@@ -416,11 +372,148 @@ void save_lora_adapter(torch::nn::Module& model, const LoraConfig& cfg, const st
   };
   for (const auto& kv : cfg.rank_pattern) j["rank_pattern"][kv.first] = kv.second;
   for (const auto& kv : cfg.alpha_pattern) j["alpha_pattern"][kv.first] = number(kv.second);
+  return j;
+}
 
+}  // namespace
+
+void save_lora_adapter(torch::nn::Module& model, const LoraConfig& cfg, const std::string& dir,
+                       const LoraSaveOptions& opts) {
+  KeyStyle style = parse_key_style(opts.key_style);
+  if (!opts.dtype.empty()) parse_dtype(opts.dtype);
+  auto layers = lora_layers(model);
+  if (layers.empty()) throw ConfigError("[peft] save_lora_adapter: the model has no LoRA layers to save");
+  std::set<std::string> adapted;
+  NamedTensors tensors = lora_delta_tensors(layers, cfg, style, opts.dtype, adapted);
+  const json modules_to_save = modules_to_save_tensors(model, dir, opts, style, tensors);
+  std::vector<std::string> all_paths;
+  for (auto& p : linear_layers(model)) all_paths.push_back(path_to_style(p.first, style));
+  auto [targets, exclude] = peft_targets(cfg, all_paths, adapted);
+  const json j = lora_adapter_config(cfg, opts, modules_to_save, targets, exclude);
   fs::create_directories(dir);
   save_safetensors(path_join(dir, kWeightsName), tensors, {{"format", "pt"}});
   write_config(dir, j);
 }
+
+namespace {
+
+// An adapter_model.safetensors sorted by role: LoRA A/B pairs per module, whole tensors (modules_to_save).
+struct AdapterFileIndex {
+  struct Pair {
+    std::string key_a, key_b;
+  };
+  std::map<std::string, Pair> pairs;                      // file module path -> keys
+  std::vector<std::pair<std::string, std::string>> full;  // (file key, file param path)
+  std::vector<std::string> file_paths;                    // every path after PEFT's prefix
+};
+
+AdapterFileIndex index_adapter_file(const SafetensorsReader& reader, std::vector<std::string>& problems) {
+  AdapterFileIndex ix;
+  for (const auto& key : reader.names()) {
+    if (key.rfind(kPeftPrefix, 0) != 0) {
+      problems.push_back("tensor '" + key + "' does not start with '" + kPeftPrefix + "'");
+      continue;
+    }
+    std::string rest = key.substr(std::string(kPeftPrefix).size());
+    ix.file_paths.push_back(rest);
+    auto ends = [&](const std::string& s) {
+      return rest.size() > s.size() && rest.compare(rest.size() - s.size(), s.size(), s) == 0;
+    };
+    if (ends(".lora_A.weight")) {
+      ix.pairs[rest.substr(0, rest.size() - 14)].key_a = key;
+    } else if (ends(".lora_B.weight")) {
+      ix.pairs[rest.substr(0, rest.size() - 14)].key_b = key;
+    } else if (is_lora_parameter(rest)) {
+      problems.push_back("tensor '" + key + "' is a LoRA variant emt does not support");
+    } else {
+      ix.full.emplace_back(key, rest);
+    }
+  }
+  return ix;
+}
+
+// One LoRA module to attach: its layer, its tensors, rank and scale.
+struct LoraAttach {
+  LinearImpl* lin;
+  std::string path, key_a, key_b;
+  int64_t r;
+  double scale;
+};
+
+// The module `fpath` of the file checked against the model and the config; nullopt (with the reason added to
+// `problems`) when it does not fit.
+std::optional<LoraAttach> plan_lora_module(const std::string& fpath, const AdapterFileIndex::Pair& pr,
+                                           const std::map<std::string, LinearImpl*>& linears,
+                                           const std::set<std::string>& module_paths, const SafetensorsReader& reader,
+                                           const LoraConfig& lcfg, std::vector<std::string>& problems) {
+  const std::string path = path_to_old_style(fpath);
+  if (pr.key_a.empty() || pr.key_b.empty()) {
+    problems.push_back("module '" + fpath + "' has " + (pr.key_a.empty() ? "lora_B" : "lora_A") + " but no " +
+                       (pr.key_a.empty() ? "lora_A" : "lora_B"));
+    return std::nullopt;
+  }
+  auto it = linears.find(path);
+  if (it == linears.end()) {
+    problems.push_back(module_paths.count(path) ? "module '" + fpath + "' is not a Linear layer in the model"
+                                                : "module '" + fpath + "' does not exist in the model");
+    return std::nullopt;
+  }
+  LinearImpl* lin = it->second;
+  const auto& ia = reader.info(pr.key_a);
+  const auto& ib = reader.info(pr.key_b);
+  if (ia.shape.size() != 2 || ib.shape.size() != 2) {
+    problems.push_back("module '" + fpath + "': lora_A/lora_B must be 2-D (got " + shape_str(ia.shape) + " and " +
+                       shape_str(ib.shape) + ")");
+    return std::nullopt;
+  }
+  const int64_t r = ia.shape[0];
+  bool ok = true;
+  if (ia.shape[1] != lin->options.in) {
+    problems.push_back("tensor '" + pr.key_a + "' has shape " + shape_str(ia.shape) + ", the layer needs [" +
+                       std::to_string(r) + ", " + std::to_string(lin->options.in) + "]");
+    ok = false;
+  }
+  if (ib.shape[0] != lin->options.out || ib.shape[1] != r) {
+    problems.push_back("tensor '" + pr.key_b + "' has shape " + shape_str(ib.shape) + ", the layer needs [" +
+                       std::to_string(lin->options.out) + ", " + std::to_string(r) + "]");
+    ok = false;
+  }
+  const int64_t want_r = lora_rank_for(lcfg, fpath);
+  if (ok && want_r != r) {
+    problems.push_back("module '" + fpath + "' has rank " + std::to_string(r) + " in the file but " +
+                       std::string(kConfigName) + " gives r = " + std::to_string(want_r));
+    ok = false;
+  }
+  if (!ok) return std::nullopt;
+  return LoraAttach{lin, path, pr.key_a, pr.key_b, r, lora_scale(r, lora_alpha_for(lcfg, fpath), lcfg.use_rslora)};
+}
+
+// Writes the checked plan into the model: LoRA deltas attached (base weights frozen), whole tensors copied.
+void apply_adapter(const std::vector<LoraAttach>& plan,
+                   const std::vector<std::pair<torch::Tensor, std::string>>& full_plan, const SafetensorsReader& reader,
+                   double dropout, bool trainable, LoadedAdapter& out) {
+  torch::NoGradGuard ng;
+  for (const auto& s : plan) {
+    if (s.lin->merged()) s.lin->unmerge();
+    s.lin->attach_low_rank(s.r, s.scale, dropout);
+    s.lin->set_runtime_scale(1.0);
+    auto& a = s.lin->lora_A->weight;
+    auto& b = s.lin->lora_B->weight;
+    a.copy_(reader.load(s.key_a).to(a.scalar_type()));
+    b.copy_(reader.load(s.key_b).to(b.scalar_type()));
+    a.set_requires_grad(trainable);
+    b.set_requires_grad(trainable);
+    s.lin->weight.set_requires_grad(false);
+    if (s.lin->bias.defined()) s.lin->bias.set_requires_grad(false);
+    out.lora_modules.push_back(s.path);
+  }
+  for (const auto& [t, key] : full_plan) {
+    auto target = t;
+    target.copy_(reader.load(key).to(target.scalar_type()));
+  }
+}
+
+}  // namespace
 
 LoadedAdapter load_lora_adapter(torch::nn::Module& model, const std::string& dir, bool trainable) {
   LoadedAdapter out;
@@ -435,91 +528,21 @@ LoadedAdapter load_lora_adapter(torch::nn::Module& model, const std::string& dir
   LoraConfig lcfg = out.config.to_lora_config();
   SafetensorsReader reader(file);
 
-  struct Pair {
-    std::string key_a, key_b;
-  };
-  std::map<std::string, Pair> pairs;               // file module path -> keys
-  std::vector<std::pair<std::string, std::string>> full;  // (file key, file param path)
-  std::vector<std::string> problems, file_paths;
-  for (const auto& key : reader.names()) {
-    if (key.rfind(kPeftPrefix, 0) != 0) {
-      problems.push_back("tensor '" + key + "' does not start with '" + kPeftPrefix + "'");
-      continue;
-    }
-    std::string rest = key.substr(std::string(kPeftPrefix).size());
-    file_paths.push_back(rest);
-    auto ends = [&](const std::string& s) {
-      return rest.size() > s.size() && rest.compare(rest.size() - s.size(), s.size(), s) == 0;
-    };
-    if (ends(".lora_A.weight")) {
-      pairs[rest.substr(0, rest.size() - 14)].key_a = key;
-    } else if (ends(".lora_B.weight")) {
-      pairs[rest.substr(0, rest.size() - 14)].key_b = key;
-    } else if (is_lora_parameter(rest)) {
-      problems.push_back("tensor '" + key + "' is a LoRA variant emt does not support");
-    } else {
-      full.emplace_back(key, rest);
-    }
-  }
-  auto style = detect_key_style(file_paths, file);
-  out.key_style = style.value_or(KeyStyle::Old);
+  std::vector<std::string> problems;
+  const AdapterFileIndex ix = index_adapter_file(reader, problems);
+  out.key_style = detect_key_style(ix.file_paths, file).value_or(KeyStyle::Old);
 
+  // Everything is checked against the model first; nothing is changed unless the whole adapter fits.
   std::map<std::string, LinearImpl*> linears;
   for (auto& p : linear_layers(model)) linears[p.first] = p.second;
   std::set<std::string> module_paths;
   for (const auto& m : model.named_modules("", true)) module_paths.insert(m.key());
+  std::vector<LoraAttach> plan;
+  for (const auto& [fpath, pr] : ix.pairs)
+    if (auto a = plan_lora_module(fpath, pr, linears, module_paths, reader, lcfg, problems)) plan.push_back(*a);
   auto params = model.named_parameters(true);
-
-  struct Plan {
-    LinearImpl* lin;
-    std::string path, key_a, key_b;
-    int64_t r;
-    double scale;
-  };
-  std::vector<Plan> plan;
-  for (const auto& [fpath, pr] : pairs) {
-    std::string path = path_to_old_style(fpath);
-    if (pr.key_a.empty() || pr.key_b.empty()) {
-      problems.push_back("module '" + fpath + "' has " + (pr.key_a.empty() ? "lora_B" : "lora_A") + " but no " +
-                         (pr.key_a.empty() ? "lora_A" : "lora_B"));
-      continue;
-    }
-    auto it = linears.find(path);
-    if (it == linears.end()) {
-      problems.push_back(module_paths.count(path) ? "module '" + fpath + "' is not a Linear layer in the model"
-                                                  : "module '" + fpath + "' does not exist in the model");
-      continue;
-    }
-    LinearImpl* lin = it->second;
-    const auto& ia = reader.info(pr.key_a);
-    const auto& ib = reader.info(pr.key_b);
-    if (ia.shape.size() != 2 || ib.shape.size() != 2) {
-      problems.push_back("module '" + fpath + "': lora_A/lora_B must be 2-D (got " + shape_str(ia.shape) + " and " +
-                         shape_str(ib.shape) + ")");
-      continue;
-    }
-    int64_t r = ia.shape[0];
-    bool ok = true;
-    if (ia.shape[1] != lin->options.in) {
-      problems.push_back("tensor '" + pr.key_a + "' has shape " + shape_str(ia.shape) + ", the layer needs [" +
-                         std::to_string(r) + ", " + std::to_string(lin->options.in) + "]");
-      ok = false;
-    }
-    if (ib.shape[0] != lin->options.out || ib.shape[1] != r) {
-      problems.push_back("tensor '" + pr.key_b + "' has shape " + shape_str(ib.shape) + ", the layer needs [" +
-                         std::to_string(lin->options.out) + ", " + std::to_string(r) + "]");
-      ok = false;
-    }
-    int64_t want_r = lora_rank_for(lcfg, fpath);
-    if (ok && want_r != r) {
-      problems.push_back("module '" + fpath + "' has rank " + std::to_string(r) + " in the file but " +
-                         std::string(kConfigName) + " gives r = " + std::to_string(want_r));
-      ok = false;
-    }
-    if (ok) plan.push_back({lin, path, pr.key_a, pr.key_b, r, lora_scale(r, lora_alpha_for(lcfg, fpath), lcfg.use_rslora)});
-  }
   std::vector<std::pair<torch::Tensor, std::string>> full_plan;
-  for (const auto& [key, fpath] : full) {
+  for (const auto& [key, fpath] : ix.full) {
     std::string name = path_to_old_style(fpath);
     auto* p = params.find(name);
     if (!p) {
@@ -535,25 +558,9 @@ LoadedAdapter load_lora_adapter(torch::nn::Module& model, const std::string& dir
     full_plan.emplace_back(*p, key);
     out.full_params.push_back(name);
   }
-  if (pairs.empty() && problems.empty()) problems.push_back("the file holds no lora_A/lora_B tensors");
+  if (ix.pairs.empty() && problems.empty()) problems.push_back("the file holds no lora_A/lora_B tensors");
   if (!problems.empty()) throw_problems("[peft] " + file + ": adapter does not fit the model", problems);
-
-  torch::NoGradGuard ng;
-  for (const auto& s : plan) {
-    if (s.lin->merged()) s.lin->unmerge();
-    s.lin->attach_low_rank(s.r, s.scale, lcfg.dropout);
-    s.lin->set_runtime_scale(1.0);
-    auto& a = s.lin->lora_A->weight;
-    auto& b = s.lin->lora_B->weight;
-    a.copy_(reader.load(s.key_a).to(a.scalar_type()));
-    b.copy_(reader.load(s.key_b).to(b.scalar_type()));
-    a.set_requires_grad(trainable);
-    b.set_requires_grad(trainable);
-    s.lin->weight.set_requires_grad(false);
-    if (s.lin->bias.defined()) s.lin->bias.set_requires_grad(false);
-    out.lora_modules.push_back(s.path);
-  }
-  for (auto& [t, key] : full_plan) t.copy_(reader.load(key).to(t.scalar_type()));
+  apply_adapter(plan, full_plan, reader, lcfg.dropout, trainable, out);
   return out;
 }
 

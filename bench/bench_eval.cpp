@@ -9,6 +9,8 @@
 #include <emt/eval/evaluator.h>
 #include <torch/torch.h>
 
+#include "bench_common.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -17,10 +19,7 @@
 
 namespace {
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using emt_bench::median;
 
 }  // namespace
 

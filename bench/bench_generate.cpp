@@ -6,6 +6,8 @@
 #include <emt/core/runtime.h>
 #include <torch/torch.h>
 
+#include "bench_common.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -13,10 +15,7 @@
 
 namespace {
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using emt_bench::median;
 
 }  // namespace
 

@@ -5,6 +5,8 @@
 
 #include <torch/torch.h>
 
+#include "bench_common.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -20,10 +22,7 @@ torch::Tensor test_image(int64_t h, int64_t w) {
   return v.clamp(0, 255).to(torch::kUInt8);
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using emt_bench::median;
 
 // Median images/s over `repeats` timed runs of `n` images each.
 template <class Fn>

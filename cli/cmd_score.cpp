@@ -66,20 +66,10 @@ ScoredCell scored_cell(const std::string& adapter, const emt::RunConfig& cfg) {
 
 emt::ResultRow row_of(const emt::DatasetScores& s, const std::string& scorer, const emt::ScoreCounts& c,
                       const ScoredCell& cell, const std::string& run) {
-  emt::ResultRow r;
-  const bool clip = scorer == "clip_zero_shot";
-  r.kind = clip ? "clip_zero_shot" : "mllm";
-  r.method = clip ? "clip" : cell.method;
-  if (!clip) {
-    r.finetune_dataset = cell.finetune_dataset;
-    r.seed = cell.seed;
-    r.epoch = cell.epoch;
-  }
-  r.eval_dataset = s.dataset;
-  r.scorer = scorer;
-  emt::set_counts(r, c);
-  r.run = run;
-  return r;
+  if (scorer == "clip_zero_shot")
+    return emt::make_result_row("clip_zero_shot", "", "clip", 0, 0, s.dataset, scorer, c, run);
+  return emt::make_result_row("mllm", cell.finetune_dataset, cell.method, cell.seed, cell.epoch, s.dataset, scorer, c,
+                              run);
 }
 
 void run_score(const ScoreArgs& a) {

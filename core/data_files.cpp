@@ -183,24 +183,32 @@ const std::vector<std::string> kLabelKeys = {"label", "class"};
 
 }  // namespace
 
-std::shared_ptr<ImageDataset> open_manifest(const std::string& path_in, Split split,
-                                            const std::vector<std::string>& class_names) {
-  std::string path = split_file(path_in, split);
-  if (fs::is_directory(path)) {
-    std::vector<std::string> cands;
-    for (const char* stem : split == Split::train ? std::vector<const char*>{"train"}
-                                                  : std::vector<const char*>{"test", "val"})
-      for (const char* ext : {".csv", ".jsonl"}) cands.push_back((fs::path(path) / (std::string(stem) + ext)).string());
-    auto it = std::find_if(cands.begin(), cands.end(), [](auto& c) { return fs::exists(c); });
-    if (it == cands.end())
-      throw IoError(fmt::format("[data] {}: no {} manifest ({}.csv or {}.jsonl)", path, split_name(split),
-                                split_name(split), split_name(split)));
-    path = *it;
-  }
+namespace {
+
+// A directory manifest names its split's file: train.csv|jsonl, or test / val for the test split.
+std::string manifest_file(std::string path, Split split) {
+  if (!fs::is_directory(path)) return path;
+  std::vector<std::string> cands;
+  for (const char* stem : split == Split::train ? std::vector<const char*>{"train"}
+                                                : std::vector<const char*>{"test", "val"})
+    for (const char* ext : {".csv", ".jsonl"}) cands.push_back((fs::path(path) / (std::string(stem) + ext)).string());
+  auto it = std::find_if(cands.begin(), cands.end(), [](auto& c) { return fs::exists(c); });
+  if (it == cands.end())
+    throw IoError(fmt::format("[data] {}: no {} manifest ({}.csv or {}.jsonl)", path, split_name(split),
+                              split_name(split), split_name(split)));
+  return *it;
+}
+
+// The (image, label text) rows of a CSV (header naming the columns) or JSONL manifest, with their line numbers.
+struct ManifestRows {
+  std::vector<std::pair<std::string, std::string>> rows;
+  std::vector<int> line;
+};
+
+ManifestRows read_manifest_rows(const std::string& path) {
   const std::string text = read_file(path);
   const bool jsonl = fs::path(path).extension() == ".jsonl";
-  std::vector<std::pair<std::string, std::string>> rows;  // (image, label as text)
-  std::vector<int> row_line;
+  ManifestRows out;
   std::istringstream in(text);
   std::string line;
   int image_col = -1, label_col = -1;
@@ -221,8 +229,8 @@ std::shared_ptr<ImageDataset> open_manifest(const std::string& path_in, Split sp
       if (img.empty() || lab.empty())
         throw FormatError(fmt::format("[data] {}:{}: needs an image (image|path|filename|file) and a label "
                                       "(label|class) field", path, ln));
-      rows.emplace_back(img, lab);
-      row_line.push_back(ln);
+      out.rows.emplace_back(img, lab);
+      out.line.push_back(ln);
       continue;
     }
     auto cells = split_csv_line(line, path, ln);
@@ -241,10 +249,20 @@ std::shared_ptr<ImageDataset> open_manifest(const std::string& path_in, Split sp
     if (static_cast<int>(cells.size()) <= std::max(image_col, label_col))
       throw FormatError(fmt::format("[data] {}:{}: expected at least {} columns, got {}", path, ln,
                                     std::max(image_col, label_col) + 1, cells.size()));
-    rows.emplace_back(trim(cells[image_col]), trim(cells[label_col]));
-    row_line.push_back(ln);
+    out.rows.emplace_back(trim(cells[image_col]), trim(cells[label_col]));
+    out.line.push_back(ln);
   }
-  if (rows.empty()) throw FormatError(fmt::format("[data] {}: manifest has no samples", path));
+  if (out.rows.empty()) throw FormatError(fmt::format("[data] {}: manifest has no samples", path));
+  return out;
+}
+
+}  // namespace
+
+std::shared_ptr<ImageDataset> open_manifest(const std::string& path_in, Split split,
+                                            const std::vector<std::string>& class_names) {
+  const std::string path = manifest_file(split_file(path_in, split), split);
+  const ManifestRows m = read_manifest_rows(path);
+  const auto& rows = m.rows;
   // Labels: all integers -> ids; otherwise names (positions in class_names when given, else sorted).
   const bool numeric = std::all_of(rows.begin(), rows.end(), [](auto& r) { return is_integer(r.second); });
   std::vector<std::string> names = class_names;
@@ -268,7 +286,7 @@ std::shared_ptr<ImageDataset> open_manifest(const std::string& path_in, Split sp
     } else {
       auto it = id_of.find(rows[r].second);
       if (it == id_of.end())
-        throw FormatError(fmt::format("[data] {}:{}: label '{}' is not one of the {} class_names", path, row_line[r],
+        throw FormatError(fmt::format("[data] {}:{}: label '{}' is not one of the {} class_names", path, m.line[r],
                                       rows[r].second, names.size()));
       id = it->second;
     }

@@ -105,20 +105,6 @@ json llm_to_json(const LlmConfig& l) {
               {"tie_word_embeddings", l.tie_word_embeddings}, {"rope_scaling", nullptr}};
 }
 
-LlmConfig llm_config_of(const LlamaOptions& o) {
-  LlmConfig l;
-  l.vocab_size = o.vocab_size;
-  l.hidden_size = o.hidden_size;
-  l.num_layers = o.num_layers;
-  l.num_heads = o.num_heads;
-  l.num_kv_heads = o.num_kv_heads;
-  l.intermediate_size = o.intermediate_size;
-  l.rope_theta = o.rope_theta;
-  l.rms_norm_eps = o.rms_norm_eps;
-  l.max_position_embeddings = o.max_position_embeddings;
-  l.tie_word_embeddings = o.tie_word_embeddings;
-  return l;
-}
 
 ClipTextConfig clip_text_from_json(const json& j, const std::string& where) {
   ClipTextConfig t;  // HF CLIPTextConfig defaults
@@ -179,25 +165,79 @@ DefaultDtypeGuard::DefaultDtypeGuard(torch::ScalarType dtype) : saved_(torch::ge
 }
 DefaultDtypeGuard::~DefaultDtypeGuard() { torch::set_default_dtype(saved_); }
 
-// ---- key mapping ------------------------------------------------------------------------------------------
+// ---- llava-hf key styles: one table, both directions ---------------------------------------------------
+
+namespace {
+struct StyleRoot {
+  const char* old_root;  // the older llava-hf layout: emt's module paths
+  const char* new_root;  // transformers >= 4.52
+};
+constexpr StyleRoot kStyleRoots[] = {
+    {"language_model.model", "model.language_model"},
+    {"language_model.lm_head", "lm_head"},
+    {"vision_tower", "model.vision_tower"},
+    {"multi_modal_projector", "model.multi_modal_projector"},
+};
+bool under_root(const std::string& path, const std::string& root) {
+  return path == root || starts_with(path, root + ".");
+}
+}  // namespace
+
+KeyStyle parse_key_style(const std::string& s) {
+  if (s == "old") return KeyStyle::Old;
+  if (s == "new") return KeyStyle::New;
+  throw ConfigError("[hf] key style must be 'old' (language_model.model.*) or 'new' (model.language_model.*), got '" +
+                    s + "'");
+}
+
+std::string to_string(KeyStyle s) { return s == KeyStyle::Old ? "old" : "new"; }
+
+std::string path_to_style(const std::string& p, KeyStyle style) {
+  if (style == KeyStyle::Old) return path_to_old_style(p);
+  if (p == "language_model") return "model.language_model";  // the LLM's own module (a PEFT target root)
+  for (const auto& r : kStyleRoots)
+    if (under_root(p, r.old_root)) return r.new_root + p.substr(std::strlen(r.old_root));
+  return p;
+}
+
+std::string path_to_old_style(const std::string& p) {
+  for (const auto& r : kStyleRoots)
+    if (under_root(p, r.new_root)) return r.old_root + p.substr(std::strlen(r.new_root));
+  return p;
+}
+
+std::optional<KeyStyle> detect_key_style(const std::vector<std::string>& paths, const std::string& file) {
+  bool old_seen = false, new_seen = false;
+  std::string old_example, new_example;
+  for (const auto& p : paths) {
+    bool is_new = false, is_old = under_root(p, "language_model");
+    for (const auto& r : kStyleRoots) {
+      is_new = is_new || under_root(p, r.new_root);
+      is_old = is_old || under_root(p, r.old_root);
+    }
+    if (is_old) {
+      if (!old_seen) old_example = p;
+      old_seen = true;
+    } else if (is_new) {
+      if (!new_seen) new_example = p;
+      new_seen = true;
+    }
+  }
+  if (old_seen && new_seen)
+    throw FormatError("[hf] " + file + ": mixes old-style ('" + old_example + "') and new-style ('" + new_example +
+                      "') llava-hf key names");
+  if (old_seen) return KeyStyle::Old;
+  if (new_seen) return KeyStyle::New;
+  return std::nullopt;
+}
 
 std::string llava_module_key(const std::string& k) {
   if (ends_with(k, ".position_ids") || ends_with(k, ".rotary_emb.inv_freq")) return "";
-  struct Rule { const char* from; const char* to; };
-  static const Rule rules[] = {
-      {"model.language_model.", "language_model.model."},
-      {"model.vision_tower.", "vision_tower."},
-      {"model.multi_modal_projector.", "multi_modal_projector."},
-      {"model.mm_projector.0.", "multi_modal_projector.linear_1."},
-      {"model.mm_projector.2.", "multi_modal_projector.linear_2."},
-      {"lm_head.", "language_model.lm_head."},
-  };
-  std::string key = k;
-  for (auto& r : rules)
-    if (starts_with(k, r.from)) {
-      key = r.to + k.substr(std::strlen(r.from));
-      break;
-    }
+  // the original LLaVA code's projector names
+  std::string key;
+  if (starts_with(k, "model.mm_projector.0.")) key = "multi_modal_projector.linear_1." + k.substr(21);
+  else if (starts_with(k, "model.mm_projector.2.")) key = "multi_modal_projector.linear_2." + k.substr(21);
+  else key = path_to_old_style(k);
   // transformers 5 holds the tower without CLIPVisionModel's `vision_model.` level and writes it so for a LLaVA
   // it built from a config (`vision_tower.embeddings.*`); a LLaVA it loaded keeps the file's layout.
   const std::string tower = "vision_tower.";
@@ -207,18 +247,7 @@ std::string llava_module_key(const std::string& k) {
 }
 
 std::string llava_file_key(const std::string& k, const std::string& style) {
-  if (style == "old") return k;
-  if (style != "new") throw ConfigError("[hf] key style must be 'old' or 'new', got '" + style + "'");
-  struct Rule { const char* from; const char* to; };
-  static const Rule rules[] = {
-      {"language_model.model.", "model.language_model."},
-      {"language_model.lm_head.", "lm_head."},
-      {"vision_tower.", "model.vision_tower."},
-      {"multi_modal_projector.", "model.multi_modal_projector."},
-  };
-  for (auto& r : rules)
-    if (starts_with(k, r.from)) return r.to + k.substr(std::strlen(r.from));
-  return k;
+  return path_to_style(k, parse_key_style(style));
 }
 
 // ---- strict loading / saving ------------------------------------------------------------------------------

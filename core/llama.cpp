@@ -104,18 +104,33 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
 
 // ---- LLaMA ------------------------------------------------------------------------------------------------
 
+namespace {
+// The fields model.llm (LlmConfig) and the module's LlamaOptions share, by the same names: one list, copied
+// either way.
+template <class To, class From>
+void copy_llama_fields(To& to, const From& from) {
+  to.vocab_size = from.vocab_size;
+  to.hidden_size = from.hidden_size;
+  to.num_layers = from.num_layers;
+  to.num_heads = from.num_heads;
+  to.num_kv_heads = from.num_kv_heads;
+  to.intermediate_size = from.intermediate_size;
+  to.max_position_embeddings = from.max_position_embeddings;
+  to.rope_theta = from.rope_theta;
+  to.rms_norm_eps = from.rms_norm_eps;
+  to.tie_word_embeddings = from.tie_word_embeddings;
+}
+}  // namespace
+
+LlmConfig llm_config_of(const LlamaOptions& o) {
+  LlmConfig l;
+  copy_llama_fields(l, o);
+  return l;
+}
+
 LlamaOptions llama_options(const LlmConfig& c) {
   LlamaOptions o;
-  o.vocab_size = c.vocab_size;
-  o.hidden_size = c.hidden_size;
-  o.num_layers = c.num_layers;
-  o.num_heads = c.num_heads;
-  o.num_kv_heads = c.num_kv_heads;
-  o.intermediate_size = c.intermediate_size;
-  o.max_position_embeddings = c.max_position_embeddings;
-  o.rope_theta = c.rope_theta;
-  o.rms_norm_eps = c.rms_norm_eps;
-  o.tie_word_embeddings = c.tie_word_embeddings;
+  copy_llama_fields(o, c);
   if (o.num_heads <= 0 || o.hidden_size % o.num_heads != 0 || o.head_dim() % 2 != 0)
     throw ConfigError("[llama] model.llm.hidden_size (" + std::to_string(o.hidden_size) +
                       ") must be a multiple of model.llm.num_heads (" + std::to_string(o.num_heads) +

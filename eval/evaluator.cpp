@@ -50,6 +50,22 @@ void set_counts(ResultRow& row, const ScoreCounts& c) {
   row.ci_high = c.ci_high;
 }
 
+ResultRow make_result_row(const std::string& kind, const std::string& finetune_dataset, const std::string& method,
+                          int64_t seed, int64_t epoch, const std::string& eval_dataset, const std::string& scorer,
+                          const ScoreCounts& c, const std::string& run) {
+  ResultRow r;
+  r.kind = kind;
+  r.finetune_dataset = finetune_dataset;
+  r.method = method;
+  r.seed = seed;
+  r.epoch = epoch;
+  r.eval_dataset = eval_dataset;
+  r.scorer = scorer;
+  set_counts(r, c);
+  r.run = run;
+  return r;
+}
+
 EvalModel eval_model(const BaseModel& base) {
   EvalModel m;
   m.model = base.model;
@@ -293,6 +309,12 @@ struct Evaluator::Impl {
     }
     return it->second;
   }
+  struct DatasetScorers;
+  std::unique_ptr<DataLoader> prompt_loader(EvalModel& m, const std::string& name) const;
+  DatasetScorers prepare_scorers(EvalModel& m, const Entry& e);
+  void score_answer(const DatasetScorers& sc, const LabelSet& ls, const std::string& label_name, int64_t label,
+                    const std::string& output, int64_t lik_pred, int64_t clip_pred, DatasetScores& scores,
+                    JsonFields& f) const;
   DatasetScores evaluate_one(EvalModel& m, size_t di, const std::string& pred_dir);
 };
 
@@ -391,15 +413,9 @@ std::vector<DatasetScores> Evaluator::evaluate(EvalModel& m, const std::string& 
   return out;
 }
 
-DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::string& pred_dir) {
-  const std::string& name = names[di];
+// The prompt-only, unshuffled, left-padded loader of one dataset's test images with its EMT question.
+std::unique_ptr<DataLoader> Evaluator::Impl::prompt_loader(EvalModel& m, const std::string& name) const {
   const Entry& e = entries.at(name);
-  const LabelSet& ls = label_sets.at(name);
-  const auto& classes = e.ds->class_names();
-  const auto t0 = std::chrono::steady_clock::now();
-  const bool use_lik = configured("likelihood"), use_clip = configured("clip") && clip,
-             use_judge = configured("judge");
-
   PromptSpec ps;
   ps.questions = {e.question};
   ps.answer_template = e.dcfg.answer;
@@ -415,12 +431,85 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
   lo.system = m.system;
   lo.image = m.image;
   lo.skip_bad = e.dcfg.skip_bad;
-  DataLoader loader(e.ds, m.tokenizer, ps, lo);
-  if (loader.image_token_id() != m.model->image_token_id)
+  auto loader = std::make_unique<DataLoader>(e.ds, m.tokenizer, ps, lo);
+  if (loader->image_token_id() != m.model->image_token_id)
     throw ConfigError(fmt::format("[eval] {}: the tokenizer's <image> id {} differs from the model's image token "
-                                  "id {}", name, loader.image_token_id(), m.model->image_token_id));
-  const std::string prompt_text = render_prompt(m.conversation, m.system, e.question);
+                                  "id {}", name, loader->image_token_id(), m.model->image_token_id));
+  return loader;
+}
 
+// What the configured scorers need for one dataset, prepared once: likelihood candidates, CLIP class embeddings.
+struct Evaluator::Impl::DatasetScorers {
+  bool lik = false, clip = false, judge = false;
+  std::vector<std::vector<int64_t>> candidates;  // likelihood: every class's answer ids
+  torch::Tensor class_emb;                       // clip: [K, P]
+  std::vector<std::string> order;                // scorers in report order, strict first
+};
+
+Evaluator::Impl::DatasetScorers Evaluator::Impl::prepare_scorers(EvalModel& m, const Entry& e) {
+  DatasetScorers sc;
+  sc.lik = configured("likelihood");
+  sc.clip = configured("clip") && clip;
+  sc.judge = configured("judge");
+  const auto& classes = e.ds->class_names();
+  if (sc.lik)
+    for (const auto& c : classes)
+      sc.candidates.push_back(encode_answer(*m.tokenizer, m.conversation, answer_text(e.dcfg, c)));
+  if (sc.clip) {
+    std::vector<std::string> texts;
+    for (const auto& c : classes) texts.push_back(readable_label(c));
+    sc.class_emb = clip_text_embeddings(clip, *clip_tok, texts, m.device);
+  }
+  sc.order = {"strict"};
+  if (sc.lik) sc.order.push_back("likelihood");
+  if (sc.clip) sc.order.push_back("clip");
+  if (sc.judge) sc.order.push_back("judge");
+  return sc;
+}
+
+// One answer's verdicts under every configured scorer, counted into `scores` and written into its JSON fields.
+// lik_pred / clip_pred: that row's prediction (-1 = none) when the scorer runs.
+void Evaluator::Impl::score_answer(const DatasetScorers& sc, const LabelSet& ls, const std::string& label_name,
+                                   int64_t label, const std::string& output, int64_t lik_pred, int64_t clip_pred,
+                                   DatasetScores& scores, JsonFields& f) const {
+  Verdict v = strict_verdict(output, ls, label);
+  scores.by_scorer["strict"].add(v.kind);
+  f.emplace_back("verdict_strict", std::string(verdict_name(v.kind)));
+  f.emplace_back("pred_strict", v.predicted);
+  if (sc.lik) {
+    const VerdictKind kind = lik_pred == label ? VerdictKind::correct : VerdictKind::incorrect;
+    scores.by_scorer["likelihood"].add(kind);
+    f.emplace_back("verdict_likelihood", std::string(verdict_name(kind)));
+    f.emplace_back("pred_likelihood", lik_pred);
+  }
+  if (sc.clip) {
+    // Nothing said is nothing to match: an empty answer is extrinsic, not the nearest label.
+    const int64_t p = output.empty() ? -1 : clip_pred;
+    const VerdictKind kind =
+        p < 0 ? VerdictKind::extrinsic : (p == label ? VerdictKind::correct : VerdictKind::incorrect);
+    scores.by_scorer["clip"].add(kind);
+    f.emplace_back("verdict_clip", std::string(verdict_name(kind)));
+    f.emplace_back("pred_clip", p);
+  }
+  if (sc.judge) {
+    const bool yes = judge_says_yes(cfg.eval.judge_command, label_name, output);
+    // A "no" keeps the strict failure kind when strict agrees it failed (as re-scoring does).
+    const VerdictKind kind =
+        yes ? VerdictKind::correct : (v.kind == VerdictKind::correct ? VerdictKind::incorrect : v.kind);
+    scores.by_scorer["judge"].add(kind);
+    f.emplace_back("verdict_judge", std::string(verdict_name(kind)));
+    f.emplace_back("pred_judge", yes ? label : int64_t{-1});
+  }
+}
+
+DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::string& pred_dir) {
+  const std::string& name = names[di];
+  const Entry& e = entries.at(name);
+  const LabelSet& ls = label_sets.at(name);
+  const auto& classes = e.ds->class_names();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto loader = prompt_loader(m, name);
+  const std::string prompt_text = render_prompt(m.conversation, m.system, e.question);
   GenerateOptions g;
   g.max_new_tokens = cfg.eval.max_new_tokens;
   g.temperature = cfg.eval.temperature;
@@ -428,32 +517,18 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
   g.eos_id = m.tokenizer->eos_id();
   g.stop_strings = stop_strings(m.conversation);
   g.tokenizer = m.tokenizer.get();
-
-  std::vector<std::vector<int64_t>> candidates;
-  if (use_lik)
-    for (const auto& c : classes) candidates.push_back(encode_answer(*m.tokenizer, m.conversation, answer_text(e.dcfg, c)));
-  torch::Tensor class_emb;  // [K, P]
-  if (use_clip) {
-    std::vector<std::string> texts;
-    for (const auto& c : classes) texts.push_back(readable_label(c));
-    class_emb = clip_text_embeddings(clip, *clip_tok, texts, m.device);
-  }
-
+  const DatasetScorers sc = prepare_scorers(m, e);
   const auto img_dtype = param_dtype(*m.model->vision_tower);
   DatasetScores scores;
   scores.dataset = name;
-  std::vector<std::string> order = {"strict"};
-  if (use_lik) order.push_back("likelihood");
-  if (use_clip) order.push_back("clip");
-  if (use_judge) order.push_back("judge");
-  for (const auto& s : order) scores.by_scorer[s];
+  for (const auto& s : sc.order) scores.by_scorer[s];
   std::string lines;
   std::unique_ptr<Progress> prog;
-  if (progress) prog = std::make_unique<Progress>("eval " + name, loader.num_samples());
+  if (progress) prog = std::make_unique<Progress>("eval " + name, loader->num_samples());
 
   Batch batch;
   int64_t done = 0, k = 0;
-  while (loader.next(batch)) {
+  while (loader->next(batch)) {
     for (int64_t i = 0; i < batch.size(); ++i)
       if (batch.class_ids[i] < 0 || batch.class_ids[i] >= ls.num_classes())
         throw FormatError(fmt::format("[eval] {}: {} has label {} outside the {} class names", name,
@@ -465,18 +540,15 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
     const int64_t B = batch.size();
     std::vector<std::string> outputs;
     for (int64_t i = 0; i < B; ++i) outputs.push_back(clean_answer(m.tokenizer->decode(gen[i], true), g.stop_strings));
-
-    torch::Tensor lik_pred;
-    if (use_lik) {
-      auto ll = candidate_logliks(m.model, images, ids, mask, candidates, cfg.eval.batch_size).cpu();
+    torch::Tensor lik_pred, clip_pred;
+    if (sc.lik) {
+      auto ll = candidate_logliks(m.model, images, ids, mask, sc.candidates, cfg.eval.batch_size).cpu();
       lik_pred = likelihood_rank(ll, torch::tensor(batch.class_ids, torch::kLong)).predicted;
     }
-    torch::Tensor clip_pred;
-    if (use_clip) {
+    if (sc.clip) {
       auto emb = clip_text_embeddings(clip, *clip_tok, outputs, m.device);
-      clip_pred = emb.matmul(class_emb.t()).argmax(1).cpu();
+      clip_pred = emb.matmul(sc.class_emb.t()).argmax(1).cpu();
     }
-
     for (int64_t i = 0; i < B; ++i) {
       const int64_t label = batch.class_ids[i];
       JsonFields f = extra;
@@ -487,35 +559,8 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
       f.emplace_back("label_name", classes[label]);
       f.emplace_back("prompt", prompt_text);
       f.emplace_back("output", outputs[i]);
-      Verdict v = strict_verdict(outputs[i], ls, label);
-      scores.by_scorer["strict"].add(v.kind);
-      f.emplace_back("verdict_strict", std::string(verdict_name(v.kind)));
-      f.emplace_back("pred_strict", v.predicted);
-      if (use_lik) {
-        const int64_t p = lik_pred[i].item<int64_t>();
-        const VerdictKind kind = p == label ? VerdictKind::correct : VerdictKind::incorrect;
-        scores.by_scorer["likelihood"].add(kind);
-        f.emplace_back("verdict_likelihood", std::string(verdict_name(kind)));
-        f.emplace_back("pred_likelihood", p);
-      }
-      if (use_clip) {
-        // Nothing said is nothing to match: an empty answer is extrinsic, not the nearest label.
-        const int64_t p = outputs[i].empty() ? -1 : clip_pred[i].item<int64_t>();
-        const VerdictKind kind =
-            p < 0 ? VerdictKind::extrinsic : (p == label ? VerdictKind::correct : VerdictKind::incorrect);
-        scores.by_scorer["clip"].add(kind);
-        f.emplace_back("verdict_clip", std::string(verdict_name(kind)));
-        f.emplace_back("pred_clip", p);
-      }
-      if (use_judge) {
-        const bool yes = judge_says_yes(cfg.eval.judge_command, classes[label], outputs[i]);
-        // A "no" keeps the strict failure kind when strict agrees it failed (as re-scoring does).
-        const VerdictKind kind =
-            yes ? VerdictKind::correct : (v.kind == VerdictKind::correct ? VerdictKind::incorrect : v.kind);
-        scores.by_scorer["judge"].add(kind);
-        f.emplace_back("verdict_judge", std::string(verdict_name(kind)));
-        f.emplace_back("pred_judge", yes ? label : int64_t{-1});
-      }
+      score_answer(sc, ls, classes[label], label, outputs[i], sc.lik ? lik_pred[i].item<int64_t>() : -1,
+                   sc.clip ? clip_pred[i].item<int64_t>() : -1, scores, f);
       lines += to_json_line(f) + "\n";
     }
     done += B;
@@ -528,7 +573,7 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
   scores.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (prog) {
     std::string summary;
-    for (const auto& s : order)
+    for (const auto& s : sc.order)
       summary += fmt::format("{}{} {:.1f}%", summary.empty() ? "" : ", ", s, 100.0 * scores.by_scorer[s].accuracy);
     prog->finish(summary);
   }

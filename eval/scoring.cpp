@@ -498,98 +498,99 @@ std::map<std::string, std::vector<std::string>> class_names_from_predictions(con
   return out;
 }
 
-RescoreSummary rescore_run(const std::string& run_dir, const RescoreOptions& opts) {
-  RescoreSummary sum;
-  std::map<std::string, ResultRow> fresh;  // key -> recomputed row
-  std::vector<std::string> order;
-  const std::string run_name = fs::path(run_dir).lexically_normal().filename().string().empty()
-                                   ? fs::path(run_dir).lexically_normal().parent_path().filename().string()
-                                   : fs::path(run_dir).lexically_normal().filename().string();
-  for (const auto& f : list_prediction_files(run_dir)) {
-    ++sum.files;
-    auto lines = read_lines(f.path.string());
-    CellId cell;
-    bool cell_known = false;
-    ResultRow strict, judge;
-    bool file_changed = false;
-    std::string rewritten;
-    for (size_t i = 0; i < lines.size(); ++i) {
-      if (trim(lines[i]).empty()) continue;
-      std::string where = fmt::format("{}:{}", f.path.string(), i + 1);
-      auto j = parse_json_line(lines[i], where);
-      if (!cell_known) {
-        if (j.contains("method") && j.contains("finetune_dataset")) {
-          cell.method = field<std::string>(j, "method", where);
-          cell.finetune_dataset = field<std::string>(j, "finetune_dataset", where);
-          cell.seed = j.contains("seed") ? field<int64_t>(j, "seed", where) : 0;
-        } else {
-          cell = parse_cell_name(f.cell_dir);
-        }
-        cell_known = true;
-      }
-      std::string ds = j.contains("dataset") ? field<std::string>(j, "dataset", where) : f.dataset;
-      auto ls = opts.label_sets.find(ds);
-      if (ls == opts.label_sets.end()) {
-        std::string known;
-        for (const auto& [k, _] : opts.label_sets) known += (known.empty() ? "" : ", ") + k;
-        throw ConfigError(fmt::format("[rescore] {}: no label set for eval dataset '{}' (known: {})", where, ds, known));
-      }
-      int64_t label = field<int64_t>(j, "label", where);
-      std::string output = field<std::string>(j, "output", where);
-      if (label < 0 || label >= ls->second.num_classes())
-        throw FormatError(fmt::format("[rescore] {}: label {} outside [0, {}) of dataset '{}'", where, label,
-                                      ls->second.num_classes(), ds));
-      Verdict v = strict_verdict(output, ls->second, label);
-      std::string vname = verdict_name(v.kind);
-      if (!j.contains("verdict_strict") || j["verdict_strict"] != vname) {
-        ++sum.changed;
-        file_changed = true;
-      }
-      j["verdict_strict"] = vname;
-      auto bump = [](ResultRow& r, VerdictKind k) {
-        ++r.n;
-        switch (k) {
-          case VerdictKind::correct: ++r.n_correct; break;
-          case VerdictKind::incorrect: ++r.n_incorrect; break;
-          case VerdictKind::intrinsic: ++r.n_intrinsic; break;
-          case VerdictKind::extrinsic: ++r.n_extrinsic; break;
-        }
-      };
-      bump(strict, v.kind);
-      if (!opts.judge_command.empty()) {
-        std::string label_name = j.contains("label_name") ? field<std::string>(j, "label_name", where)
-                                                          : ls->second.class_names[label];
-        bool yes = judge_says_yes(opts.judge_command, label_name, output);
-        // A "no" keeps the strict failure kind when strict agrees it failed, so the taxonomy survives.
-        VerdictKind jk = yes ? VerdictKind::correct
-                             : (v.kind == VerdictKind::correct ? VerdictKind::incorrect : v.kind);
-        if (!j.contains("verdict_judge") || j["verdict_judge"] != verdict_name(jk)) file_changed = true;
-        j["verdict_judge"] = verdict_name(jk);
-        bump(judge, jk);
-      }
-      ++sum.predictions;
-      rewritten += j.dump() + "\n";
-    }
-    if (file_changed) write_file_atomic(f.path.string(), rewritten);
-    if (strict.n == 0) continue;
-    for (auto* r : {&strict, &judge}) {
-      if (r->n == 0) continue;
-      r->kind = "mllm";
-      r->finetune_dataset = cell.finetune_dataset;
-      r->method = cell.method;
-      r->seed = cell.seed;
-      r->epoch = f.epoch;
-      r->eval_dataset = f.dataset;
-      r->scorer = r == &strict ? "strict" : "judge";
-      r->accuracy = static_cast<double>(r->n_correct) / static_cast<double>(r->n);
-      std::tie(r->ci_low, r->ci_high) = wilson_interval(r->n_correct, r->n);
-      r->run = run_name;
-      std::string key = r->key();
-      if (!fresh.count(key)) order.push_back(key);
-      fresh[key] = *r;
-    }
-  }
+namespace {
 
+// One prediction file re-scored in place (rewritten only when a verdict changed) -> its strict (and judge)
+// result rows, empty when the file holds no prediction.
+std::vector<ResultRow> rescore_file(const PredFile& f, const RescoreOptions& opts, const std::string& run_name,
+                                    RescoreSummary& sum) {
+  auto lines = read_lines(f.path.string());
+  CellId cell;
+  bool cell_known = false;
+  ResultRow strict, judge;
+  bool file_changed = false;
+  std::string rewritten;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    if (trim(lines[i]).empty()) continue;
+    std::string where = fmt::format("{}:{}", f.path.string(), i + 1);
+    auto j = parse_json_line(lines[i], where);
+    if (!cell_known) {
+      if (j.contains("method") && j.contains("finetune_dataset")) {
+        cell.method = field<std::string>(j, "method", where);
+        cell.finetune_dataset = field<std::string>(j, "finetune_dataset", where);
+        cell.seed = j.contains("seed") ? field<int64_t>(j, "seed", where) : 0;
+      } else {
+        cell = parse_cell_name(f.cell_dir);
+      }
+      cell_known = true;
+    }
+    std::string ds = j.contains("dataset") ? field<std::string>(j, "dataset", where) : f.dataset;
+    auto ls = opts.label_sets.find(ds);
+    if (ls == opts.label_sets.end()) {
+      std::string known;
+      for (const auto& [k, _] : opts.label_sets) known += (known.empty() ? "" : ", ") + k;
+      throw ConfigError(fmt::format("[rescore] {}: no label set for eval dataset '{}' (known: {})", where, ds, known));
+    }
+    int64_t label = field<int64_t>(j, "label", where);
+    std::string output = field<std::string>(j, "output", where);
+    if (label < 0 || label >= ls->second.num_classes())
+      throw FormatError(fmt::format("[rescore] {}: label {} outside [0, {}) of dataset '{}'", where, label,
+                                    ls->second.num_classes(), ds));
+    Verdict v = strict_verdict(output, ls->second, label);
+    std::string vname = verdict_name(v.kind);
+    if (!j.contains("verdict_strict") || j["verdict_strict"] != vname) {
+      ++sum.changed;
+      file_changed = true;
+    }
+    j["verdict_strict"] = vname;
+    auto bump = [](ResultRow& r, VerdictKind k) {
+      ++r.n;
+      switch (k) {
+        case VerdictKind::correct: ++r.n_correct; break;
+        case VerdictKind::incorrect: ++r.n_incorrect; break;
+        case VerdictKind::intrinsic: ++r.n_intrinsic; break;
+        case VerdictKind::extrinsic: ++r.n_extrinsic; break;
+      }
+    };
+    bump(strict, v.kind);
+    if (!opts.judge_command.empty()) {
+      std::string label_name = j.contains("label_name") ? field<std::string>(j, "label_name", where)
+                                                        : ls->second.class_names[label];
+      bool yes = judge_says_yes(opts.judge_command, label_name, output);
+      // A "no" keeps the strict failure kind when strict agrees it failed, so the taxonomy survives.
+      VerdictKind jk = yes ? VerdictKind::correct
+                           : (v.kind == VerdictKind::correct ? VerdictKind::incorrect : v.kind);
+      if (!j.contains("verdict_judge") || j["verdict_judge"] != verdict_name(jk)) file_changed = true;
+      j["verdict_judge"] = verdict_name(jk);
+      bump(judge, jk);
+    }
+    ++sum.predictions;
+    rewritten += j.dump() + "\n";
+  }
+  if (file_changed) write_file_atomic(f.path.string(), rewritten);
+  std::vector<ResultRow> rows;
+  if (strict.n == 0) return rows;
+  for (auto* r : {&strict, &judge}) {
+    if (r->n == 0) continue;
+    r->kind = "mllm";
+    r->finetune_dataset = cell.finetune_dataset;
+    r->method = cell.method;
+    r->seed = cell.seed;
+    r->epoch = f.epoch;
+    r->eval_dataset = f.dataset;
+    r->scorer = r == &strict ? "strict" : "judge";
+    r->accuracy = static_cast<double>(r->n_correct) / static_cast<double>(r->n);
+    std::tie(r->ci_low, r->ci_high) = wilson_interval(r->n_correct, r->n);
+    r->run = run_name;
+    rows.push_back(*r);
+  }
+  return rows;
+}
+
+// results.jsonl rewritten: rows whose key was recomputed get the new numbers (other fields kept), the rest stay,
+// new keys are appended in the order they were met.
+void rewrite_results(const std::string& run_dir, std::map<std::string, ResultRow>& fresh,
+                     const std::vector<std::string>& order, RescoreSummary& sum) {
   // Rewrite results.jsonl: rows with a recomputed key get the new numbers (other fields kept), the rest stay.
   std::string results_path = (fs::path(run_dir) / "results.jsonl").string();
   std::string out;
@@ -621,6 +622,26 @@ RescoreSummary rescore_run(const std::string& run_dir, const RescoreOptions& opt
     ++sum.rows_written;
   }
   write_file_atomic(results_path, out);
+}
+
+}  // namespace
+
+RescoreSummary rescore_run(const std::string& run_dir, const RescoreOptions& opts) {
+  RescoreSummary sum;
+  std::map<std::string, ResultRow> fresh;  // key -> recomputed row
+  std::vector<std::string> order;
+  const std::string run_name = fs::path(run_dir).lexically_normal().filename().string().empty()
+                                   ? fs::path(run_dir).lexically_normal().parent_path().filename().string()
+                                   : fs::path(run_dir).lexically_normal().filename().string();
+  for (const auto& f : list_prediction_files(run_dir)) {
+    ++sum.files;
+    for (auto& r : rescore_file(f, opts, run_name, sum)) {
+      const std::string key = r.key();
+      if (!fresh.count(key)) order.push_back(key);
+      fresh[key] = std::move(r);
+    }
+  }
+  rewrite_results(run_dir, fresh, order, sum);
   return sum;
 }
 

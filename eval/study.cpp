@@ -48,22 +48,6 @@ std::set<std::string> done_keys(const std::string& path) {
   return keys;
 }
 
-ResultRow make_row(const std::string& kind, const std::string& ft, const std::string& method, int64_t seed,
-                   int64_t epoch, const std::string& dataset, const std::string& scorer, const ScoreCounts& c,
-                   const std::string& run) {
-  ResultRow r;
-  r.kind = kind;
-  r.finetune_dataset = ft;
-  r.method = method;
-  r.seed = seed;
-  r.epoch = epoch;
-  r.eval_dataset = dataset;
-  r.scorer = scorer;
-  set_counts(r, c);
-  r.run = run;
-  return r;
-}
-
 class Study {
  public:
   Study(const RunConfig& cfg, const StudyOptions& opts) : cfg_(cfg), opts_(opts) {
@@ -122,7 +106,7 @@ class Study {
   bool epoch_done(const std::string& ft, const std::string& method, int64_t seed, int64_t epoch) const {
     for (const auto& d : evaluator_->datasets())
       for (const auto& sc : scorers())
-        if (!done_.count(make_row("mllm", ft, method, seed, epoch, d, sc, {}, "").key())) return false;
+        if (!done_.count(make_result_row("mllm", ft, method, seed, epoch, d, sc, {}, "").key())) return false;
     return true;
   }
 
@@ -144,7 +128,8 @@ class Study {
     }
     bool all = true;
     for (const auto& d : evaluator_->datasets())
-      all = all && done_.count(make_row("clip_zero_shot", "", "clip", 0, 0, d, "clip_zero_shot", {}, "").key());
+      all = all &&
+            done_.count(make_result_row("clip_zero_shot", "", "clip", 0, 0, d, "clip_zero_shot", {}, "").key());
     auto device = resolve_device(cfg_.run.device);
     auto [clip, tok] = load_clip_dir(dir, device);
     const auto sc = scorers();
@@ -155,7 +140,7 @@ class Study {
                                       : image_options_for_size(clip->options.vision.image_size);
     for (const auto& ds : evaluator_->clip_zero_shot(*clip, *tok, image, device))
       for (const auto& [sc, c] : ds.by_scorer)
-        append(make_row("clip_zero_shot", "", "clip", 0, 0, ds.dataset, sc, c, cfg_.run.name));
+        append(make_result_row("clip_zero_shot", "", "clip", 0, 0, ds.dataset, sc, c, cfg_.run.name));
   }
 
   void score(const BaseModel& base, const std::string& ft, const std::string& method, int64_t seed, int64_t epoch,
@@ -165,7 +150,7 @@ class Study {
     auto t = std::chrono::steady_clock::now();
     for (const auto& ds : evaluator_->evaluate(em, pred_dir))
       for (const auto& [sc, c] : ds.by_scorer) {
-        append(make_row("mllm", ft, method, seed, epoch, ds.dataset, sc, c, cfg_.run.name));
+        append(make_result_row("mllm", ft, method, seed, epoch, ds.dataset, sc, c, cfg_.run.name));
         if (sc == cfg_.eval.primary_scorer)
           log_info("[study] {} {} seed {} epoch {}: {} {:.1f}% ({} images)", ft.empty() ? "base" : ft, method, seed,
                    epoch, ds.dataset, 100.0 * c.accuracy, c.n);

@@ -15,6 +15,7 @@
 #include <set>
 
 #include "test/helpers.h"
+#include "test/test_tokenizer_fake.h"
 
 using emt::Split;
 
@@ -23,7 +24,7 @@ std::string data_error_of(const std::function<void()>& fn);  // test_data_format
 namespace {
 
 // Test-only tokenizer: one id per byte (4 + byte), registered special tokens matched first.
-class ByteTokenizer : public emt::Tokenizer {
+class ByteTokenizer : public emt_test::FakeTokenizerBase {
  public:
   std::vector<int64_t> encode(const std::string& text, bool add_bos, bool add_eos) const override {
     std::vector<int64_t> ids;
@@ -48,22 +49,8 @@ class ByteTokenizer : public emt::Tokenizer {
       if (id >= 4 && id < 260) s.push_back(static_cast<char>(id - 4));
     return s;
   }
-  int64_t vocab_size() const override { return 260 + static_cast<int64_t>(special_.size()); }
-  int64_t bos_id() const override { return 1; }
-  int64_t eos_id() const override { return 2; }
-  int64_t pad_id() const override { return 0; }
-  int64_t add_special_token(const std::string& t) override {
-    auto it = special_.find(t);
-    if (it != special_.end()) return it->second;
-    return special_[t] = vocab_size();
-  }
-  int64_t special_token_id(const std::string& t) const override {
-    auto it = special_.find(t);
-    return it == special_.end() ? -1 : it->second;
-  }
-
- private:
-  std::map<std::string, int64_t> special_;
+ protected:
+  int64_t base_vocab() const override { return 260; }
 };
 
 std::vector<int64_t> bytes(const std::string& s) {

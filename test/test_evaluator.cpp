@@ -20,6 +20,7 @@
 #include <sstream>
 
 #include "test/helpers.h"
+#include "test/test_tokenizer_fake.h"
 #include "test/test_models_common.h"
 
 namespace fs = std::filesystem;
@@ -28,7 +29,7 @@ namespace {
 
 // Test-only tokenizer: one id per word; '.', ',', '?', '!', ':' and ';' are words of their own. Ids 0..3 are pad,
 // bos, eos, unk; the vocabulary is every word of the corpus given at construction.
-class WordTokenizer : public emt::Tokenizer {
+class WordTokenizer : public emt_test::FakeTokenizerBase {
  public:
   explicit WordTokenizer(const std::vector<std::string>& corpus) {
     for (const auto& t : corpus)
@@ -83,19 +84,6 @@ class WordTokenizer : public emt::Tokenizer {
     }
     return s;
   }
-  int64_t vocab_size() const override { return 4 + static_cast<int64_t>(words_.size() + special_.size()); }
-  int64_t bos_id() const override { return 1; }
-  int64_t eos_id() const override { return 2; }
-  int64_t pad_id() const override { return 0; }
-  int64_t add_special_token(const std::string& t) override {
-    auto it = special_.find(t);
-    if (it != special_.end()) return it->second;
-    return special_[t] = vocab_size();
-  }
-  int64_t special_token_id(const std::string& t) const override {
-    auto it = special_.find(t);
-    return it == special_.end() ? -1 : it->second;
-  }
   int64_t id_of(const std::string& w) const { return ids_.at(w); }
 
   static bool is_punct(char c) { return std::string(".,?!:;").find(c) != std::string::npos; }
@@ -121,9 +109,9 @@ class WordTokenizer : public emt::Tokenizer {
     ids_[w] = 4 + static_cast<int64_t>(words_.size());
     words_.push_back(w);
   }
+  int64_t base_vocab() const override { return 4 + static_cast<int64_t>(words_.size()); }
   std::vector<std::string> words_;
   std::map<std::string, int64_t> ids_;
-  std::map<std::string, int64_t> special_;
 };
 
 // IDX test split (and a one-image train split) with `n` images of 28x28; image i shows class labels[i].

@@ -283,6 +283,117 @@ InstructionKind InstructionDataset::kind(int64_t i) const {
   return InstructionKind::copy;
 }
 
+// Writes the question and answer of one sample; one method per instruction kind.
+struct InstructionDataset::Planner {
+  const InstructionDataset& ds;
+  int64_t i, c;               // sample index, its class
+  const std::string& label;   // its class name
+  Draw& d;
+  Plan& p;
+  bool dig;
+  std::string thing, things;
+
+  std::string named(const std::string& x) const { return dig ? "the digit " + x : article(x) + " " + x; }
+
+  void caption() {
+    p.question = d.pick(std::vector<std::string>{"Describe the image briefly.", "Write a short caption for this picture.",
+                                                 "What does this picture show? Answer in a few words."});
+    p.answer = dig ? d.pick(std::vector<std::string>{"A handwritten digit " + label + ".",
+                                                     "The digit " + label + ", written by hand.",
+                                                     "This is a picture of the digit " + label + "."})
+                   : d.pick(std::vector<std::string>{"A picture of " + named(label) + ".",
+                                                     capitalised(named(label)) + ".",
+                                                     "This is a picture of " + named(label) + "."});
+  }
+
+  // short_answer and pick: the same leads with and without an option list, answered alike: a list is a
+  // constraint on the answer, not another task. "pick" offers the image's own name among things it is not:
+  // everyday nouns no study uses and at most one label of each other dataset; never two labels of one dataset,
+  // so no study's list, or part of one, is ever practised.
+  void naming() {
+    const int64_t li = d.below(4);
+    const std::string lead =
+        dig ? std::vector<std::string>{"Which digit is written here?", "What number does the picture show?",
+                                       "Which number is written here?", "Read the handwritten digit."}[li]
+            : std::vector<std::string>{"What does the picture show?", "What can you see in the image?",
+                                       "Which thing is in the picture?", "Name the thing in the picture."}[li];
+    if (p.kind == InstructionKind::pick) {
+      std::vector<std::string> others = ds.opts_.distractors;
+      for (const auto& list : ds.opts_.other_labels)
+        if (!list.empty() && d.below(3) == 0) others.push_back(d.pick(list));
+      p.question = choice_question(d, lead, thing, options(d, label, others, 2 + d.below(7)));
+    } else {
+      p.question = lead;
+    }
+    // Each lead has its own answer form, with or without a list: the question, not the list, sets the form.
+    const std::string named_label = dig ? label : named(label);
+    p.answer = std::vector<std::string>{label + ".", "It is " + (dig ? "the digit " + label : named_label) + ".",
+                                        "The " + thing + " in the picture is " + named_label + ".",
+                                        "The answer is " + label + "."}[li];
+  }
+
+  void yes_no() {
+    const auto& names = ds.class_names();
+    const bool yes = d.below(2) == 0 || names.size() < 2;
+    std::string x = label;
+    if (!yes) {
+      int64_t o = d.below(static_cast<int64_t>(names.size()) - 1);
+      if (o >= c) ++o;
+      x = names[static_cast<size_t>(o)];
+    }
+    p.question = d.below(2) == 0 ? "Is this " + named(x) + "? Answer yes or no."
+                                 : "Does the picture show " + named(x) + "? Please answer yes or no.";
+    p.answer = d.below(2) == 0 ? (yes ? "Yes." : "No.") : (yes ? "Yes, it is." : "No, it is not.");
+  }
+
+  // colour, position, count, size: an open question or a list of that attribute's words.
+  void attribute() {
+    Fact f = attribute_fact(p.kind, colour_words()[ds.colour_[static_cast<size_t>(i)]], d);
+    p.cells = f.cells;
+    const bool first = d.below(2) == 0;  // the first lead is answered with the word, the second in a sentence
+    const std::string lead = attribute_lead(p.kind, first, thing, things);
+    auto form = [&](const std::string& w) { return first ? w + "." : "The " + f.kind_word + " is " + w + "."; };
+    if (d.below(10) < 3) {  // an open question, answered with the plain word
+      p.question = lead;
+      p.answer = form(f.word);
+      return;
+    }
+    auto opts = options(d, f.word, f.vocab, 1 + d.below(static_cast<int64_t>(f.vocab.size()) - 1));
+    p.answer = form(render_options(d, opts, f.word));
+    p.question = choice_question(d, lead, f.kind_word, opts);
+  }
+
+  // Writing: a few words of the language in random order, repeated. A stand-in for the text pretraining of a
+  // real LLM, which can write every word of its tokenizer's language; random order never forms a sentence.
+  void copy() {
+    std::vector<std::string> w;
+    for (int64_t k = 0, n = 2 + d.below(5); k < n; ++k) w.push_back(d.pick(ds.opts_.words));
+    p.question = d.pick(std::vector<std::string>{"Repeat these words:", "Write these words again:",
+                                                 "Copy the following words:"}) + " " + join(w, " ") + ".";
+    p.answer = join(w, " ") + ".";
+  }
+
+  // One true attribute word among false ones of every attribute: the list, not the lead, says what is asked.
+  void choice() {
+    const InstructionKind sub = std::array<InstructionKind, 4>{InstructionKind::colour, InstructionKind::position,
+                                                               InstructionKind::count, InstructionKind::size}[d.below(4)];
+    Fact f = attribute_fact(sub, colour_words()[ds.colour_[static_cast<size_t>(i)]], d);
+    p.cells = f.cells;
+    std::vector<std::string> vocab;
+    for (const auto* v : {&colour_words(), &position_words(), &count_words(), &size_words()})
+      for (const auto& w : *v)
+        if (w != f.word && std::find(f.also_true.begin(), f.also_true.end(), w) == f.also_true.end()) vocab.push_back(w);
+    auto opts = options(d, f.word, vocab, 3 + d.below(7));
+    const std::string word = render_options(d, opts, f.word);
+    const int64_t li = d.below(4);
+    p.answer = li % 2 == 0 ? word + "." : "The answer is " + word + ".";
+    const std::string lead = std::vector<std::string>{
+        "Which of these words fits the picture?", "Pick the word that matches the image.",
+        "Which option describes the picture?", "Look at the image and choose the right word."}[li];
+    p.question = choice_question(d, lead, "word", opts);
+  }
+};
+
 InstructionDataset::Plan InstructionDataset::plan(int64_t i) const {
   TORCH_CHECK(i >= 0 && i < size(), "instruction set ", name(), ": index ", i, " out of range ", size());
   const int64_t c = pool_->label(i);
@@ -291,111 +402,21 @@ InstructionDataset::Plan InstructionDataset::plan(int64_t i) const {
                                   class_names().size()));
   const std::string& label = class_names()[static_cast<size_t>(c)];
   Draw d{mix_seed(mix_seed(opts_.seed, 0xD1CE), static_cast<uint64_t>(i))};
-  const bool dig = opts_.digits;
-  const std::string thing = dig ? "digit" : "object", things = dig ? "digits" : "objects";
-  auto named = [&](const std::string& x) { return dig ? "the digit " + x : article(x) + " " + x; };
   Plan p;
   p.kind = kind(i);
+  const bool dig = opts_.digits;
+  Planner w{*this, i, c, label, d, p, dig, dig ? "digit" : "object", dig ? "digits" : "objects"};
   switch (p.kind) {
-    case InstructionKind::caption:
-      p.question = d.pick(std::vector<std::string>{"Describe the image briefly.", "Write a short caption for this picture.",
-                                                   "What does this picture show? Answer in a few words."});
-      p.answer = dig ? d.pick(std::vector<std::string>{"A handwritten digit " + label + ".",
-                                                       "The digit " + label + ", written by hand.",
-                                                       "This is a picture of the digit " + label + "."})
-                     : d.pick(std::vector<std::string>{"A picture of " + named(label) + ".",
-                                                       capitalised(named(label)) + ".",
-                                                       "This is a picture of " + named(label) + "."});
-      break;
+    case InstructionKind::caption: w.caption(); break;
     case InstructionKind::short_answer:
-    case InstructionKind::pick: {
-      // The same leads with and without an option list, answered alike: a list is a constraint on the answer,
-      // not another task. "pick" offers the image's own name among things it is not: everyday nouns no study uses
-      // and at most one label of each other dataset; never two labels of one dataset, so no study's list, or part
-      // of one, is ever practised.
-      const int64_t li = d.below(4);
-      const std::string lead =
-          dig ? std::vector<std::string>{"Which digit is written here?", "What number does the picture show?",
-                                         "Which number is written here?", "Read the handwritten digit."}[li]
-              : std::vector<std::string>{"What does the picture show?", "What can you see in the image?",
-                                         "Which thing is in the picture?", "Name the thing in the picture."}[li];
-      if (p.kind == InstructionKind::pick) {
-        std::vector<std::string> others = opts_.distractors;
-        for (const auto& list : opts_.other_labels)
-          if (!list.empty() && d.below(3) == 0) others.push_back(d.pick(list));
-        p.question = choice_question(d, lead, thing, options(d, label, others, 2 + d.below(7)));
-      } else {
-        p.question = lead;
-      }
-      // Each lead has its own answer form, with or without a list: the question, not the list, sets the form.
-      const std::string named_label = dig ? label : named(label);
-      p.answer = std::vector<std::string>{label + ".", "It is " + (dig ? "the digit " + label : named_label) + ".",
-                                          "The " + thing + " in the picture is " + named_label + ".",
-                                          "The answer is " + label + "."}[li];
-      break;
-    }
-    case InstructionKind::yes_no: {
-      const bool yes = d.below(2) == 0 || class_names().size() < 2;
-      std::string x = label;
-      if (!yes) {
-        int64_t o = d.below(static_cast<int64_t>(class_names().size()) - 1);
-        if (o >= c) ++o;
-        x = class_names()[static_cast<size_t>(o)];
-      }
-      p.question = d.below(2) == 0 ? "Is this " + named(x) + "? Answer yes or no."
-                                   : "Does the picture show " + named(x) + "? Please answer yes or no.";
-      p.answer = d.below(2) == 0 ? (yes ? "Yes." : "No.") : (yes ? "Yes, it is." : "No, it is not.");
-      break;
-    }
+    case InstructionKind::pick: w.naming(); break;
+    case InstructionKind::yes_no: w.yes_no(); break;
     case InstructionKind::colour:
     case InstructionKind::position:
     case InstructionKind::count:
-    case InstructionKind::size: {
-      Fact f = attribute_fact(p.kind, colour_words()[colour_[static_cast<size_t>(i)]], d);
-      p.cells = f.cells;
-      const bool first = d.below(2) == 0;  // the first lead is answered with the word, the second in a sentence
-      const std::string lead = attribute_lead(p.kind, first, thing, things);
-      auto form = [&](const std::string& w) { return first ? w + "." : "The " + f.kind_word + " is " + w + "."; };
-      if (d.below(10) < 3) {  // an open question, answered with the plain word
-        p.question = lead;
-        p.answer = form(f.word);
-        break;
-      }
-      auto opts = options(d, f.word, f.vocab, 1 + d.below(static_cast<int64_t>(f.vocab.size()) - 1));
-      p.answer = form(render_options(d, opts, f.word));
-      p.question = choice_question(d, lead, f.kind_word, opts);
-      break;
-    }
-    case InstructionKind::copy: {
-      // Writing: a few words of the language in random order, repeated. A stand-in for the text pretraining of a
-      // real LLM, which can write every word of its tokenizer's language; random order never forms a sentence.
-      std::vector<std::string> w;
-      for (int64_t k = 0, n = 2 + d.below(5); k < n; ++k) w.push_back(d.pick(opts_.words));
-      p.question = d.pick(std::vector<std::string>{"Repeat these words:", "Write these words again:",
-                                                   "Copy the following words:"}) + " " + join(w, " ") + ".";
-      p.answer = join(w, " ") + ".";
-      break;
-    }
-    case InstructionKind::choice: {
-      // One true attribute word among false ones of every attribute: the list, not the lead, says what is asked.
-      const InstructionKind sub = std::array<InstructionKind, 4>{InstructionKind::colour, InstructionKind::position,
-                                                                 InstructionKind::count, InstructionKind::size}[d.below(4)];
-      Fact f = attribute_fact(sub, colour_words()[colour_[static_cast<size_t>(i)]], d);
-      p.cells = f.cells;
-      std::vector<std::string> vocab;
-      for (const auto* v : {&colour_words(), &position_words(), &count_words(), &size_words()})
-        for (const auto& w : *v)
-          if (w != f.word && std::find(f.also_true.begin(), f.also_true.end(), w) == f.also_true.end()) vocab.push_back(w);
-      auto opts = options(d, f.word, vocab, 3 + d.below(7));
-      const std::string word = render_options(d, opts, f.word);
-      const int64_t li = d.below(4);
-      p.answer = li % 2 == 0 ? word + "." : "The answer is " + word + ".";
-      const std::string lead = std::vector<std::string>{
-          "Which of these words fits the picture?", "Pick the word that matches the image.",
-          "Which option describes the picture?", "Look at the image and choose the right word."}[li];
-      p.question = choice_question(d, lead, "word", opts);
-      break;
-    }
+    case InstructionKind::size: w.attribute(); break;
+    case InstructionKind::copy: w.copy(); break;
+    case InstructionKind::choice: w.choice(); break;
   }
   return p;
 }

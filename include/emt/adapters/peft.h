@@ -3,6 +3,7 @@
 // and the mapping between the two llava-hf key styles. Byte-level format: docs/adapters.md.
 #pragma once
 #include <emt/core/config.h>
+#include <emt/core/hf_checkpoint.h>
 #include <emt/core/llava.h>
 #include <emt/core/safetensors.h>
 #include <torch/nn/module.h>
@@ -16,19 +17,7 @@
 
 namespace emt {
 
-// ---- llava-hf key styles ---------------------------------------------------------------------------------------
-// Old: vision_tower.*, multi_modal_projector.*, language_model.model.*, language_model.lm_head.*  (emt's own layout)
-// New: model.vision_tower.*, model.multi_modal_projector.*, model.language_model.*, lm_head.*
-enum class KeyStyle { Old, New };
-KeyStyle parse_key_style(const std::string& s);  // "old" | "new"; ConfigError otherwise
-std::string to_string(KeyStyle s);
-// Old-style path -> `style`. Paths outside the four LLaVA roots are returned unchanged.
-std::string path_to_style(const std::string& old_path, KeyStyle style);
-// Either style -> old style (emt's module paths).
-std::string path_to_old_style(const std::string& path);
-// The style of a set of paths (module or tensor paths, without PEFT's "base_model.model." prefix); nullopt when
-// none of them is under a LLaVA root. FormatError when both styles occur.
-std::optional<KeyStyle> detect_key_style(const std::vector<std::string>& paths, const std::string& file);
+// Key styles (KeyStyle, path_to_style, path_to_old_style, detect_key_style) live in <emt/core/hf_checkpoint.h>.
 
 // ---- adapter_config.json ---------------------------------------------------------------------------------------
 // The fields emt reads from (and writes to) adapter_config.json. Unknown fields are kept in `json` only.

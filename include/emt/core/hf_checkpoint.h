@@ -5,18 +5,34 @@
 #include <emt/core/llama.h>
 
 #include <functional>
+#include <optional>
 #include <string>
+#include <vector>
 
 namespace emt {
 
 class CheckpointReader;
+
+// ---- llava-hf key styles (one mapping, used by checkpoints and PEFT adapters alike) ------------------------
+// Old: vision_tower.*, multi_modal_projector.*, language_model.model.*, language_model.lm_head.*  (emt's own layout)
+// New: model.vision_tower.*, model.multi_modal_projector.*, model.language_model.*, lm_head.*
+enum class KeyStyle { Old, New };
+KeyStyle parse_key_style(const std::string& s);  // "old" | "new"; ConfigError otherwise
+std::string to_string(KeyStyle s);
+// Old-style path -> `style`. Paths outside the four LLaVA roots are returned unchanged.
+std::string path_to_style(const std::string& old_path, KeyStyle style);
+// Either style -> old style (emt's module paths).
+std::string path_to_old_style(const std::string& path);
+// The style of a set of paths (module or tensor paths, without PEFT's "base_model.model." prefix); nullopt when
+// none of them is under a LLaVA root. FormatError when both styles occur.
+std::optional<KeyStyle> detect_key_style(const std::vector<std::string>& paths, const std::string& file);
 
 // File key -> the module key of LlavaModel (older llava-hf layout); "" when the key is a known non-persistent
 // buffer to skip (`*.position_ids`, `*.rotary_emb.inv_freq`). Handles the newer `model.language_model.*`,
 // `model.vision_tower.*`, `model.multi_modal_projector.*`, `lm_head.*`, the original `model.mm_projector.0/2`, and
 // a vision tower without its `vision_model.` level (`vision_tower.embeddings.*`, as transformers 5 writes it).
 std::string llava_module_key(const std::string& file_key);
-// Module key -> file key in `style` "old" (identity) or "new". ConfigError on other styles.
+// Module key -> file key in `style` "old" (identity) or "new" (path_to_style). ConfigError on other styles.
 std::string llava_file_key(const std::string& module_key, const std::string& style);
 
 // Copies every tensor of `reader` into `module`'s parameters and buffers, where `to_module_key` names the target

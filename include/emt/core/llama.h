@@ -21,6 +21,7 @@ struct LlamaOptions {
   int64_t head_dim() const { return hidden_size / num_heads; }
 };
 LlamaOptions llama_options(const LlmConfig& c);  // ConfigError on inconsistent shapes (heads, kv heads)
+LlmConfig llm_config_of(const LlamaOptions& o);   // the inverse (shapes only)
 
 // Keys and values of every layer, preallocated for `capacity` slots: k[l], v[l]: [B, H_kv, capacity, hd].
 // `length` slots are filled; a forward with T new tokens writes slots [length, length + T).

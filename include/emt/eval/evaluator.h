@@ -44,6 +44,11 @@ struct ScoreCounts {
 
 // Copies n, the verdict counts, accuracy and the interval of `c` into a results.jsonl row (other fields untouched).
 void set_counts(ResultRow& row, const ScoreCounts& c);
+// A result row of the study's schema: its cell (kind, finetune dataset, method, seed, epoch), what was scored
+// (eval dataset, scorer), the counts and the run's name.
+ResultRow make_result_row(const std::string& kind, const std::string& finetune_dataset, const std::string& method,
+                          int64_t seed, int64_t epoch, const std::string& eval_dataset, const std::string& scorer,
+                          const ScoreCounts& c, const std::string& run);
 
 struct DatasetScores {
   std::string dataset;

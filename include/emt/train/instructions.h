@@ -57,6 +57,7 @@ class InstructionDataset : public ImageDataset {
 
  private:
   struct Plan;
+  struct Planner;  // writes one Plan, one method per instruction kind
   Plan plan(int64_t i) const;
   std::shared_ptr<ImageDataset> pool_;
   InstructionOptions opts_;
