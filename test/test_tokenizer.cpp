@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <catch2/catch.hpp>
+#include <unistd.h>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -51,8 +52,10 @@ emt::SentencePieceTrainOptions train_opts() {
 
 // One trained model shared by the tests in this file (training is deterministic, so sharing hides nothing).
 const std::string& trained_model() {
+  // One model per test process: CTest runs the test cases of this file in parallel processes, which must not
+  // retrain (and truncate) a model another one is reading.
   static const std::string path = [] {
-    const std::string dir = emt_test::scratch_dir("tok_trained");
+    const std::string dir = emt_test::scratch_dir("tok_trained_" + std::to_string(::getpid()));
     emt::train_sentencepiece(write_corpus(dir), dir + "/spm", train_opts());
     return dir + "/spm.model";
   }();

@@ -236,7 +236,7 @@ TEST_CASE("trainer: a fresh run refuses a run directory that holds an earlier ru
 }
 
 TEST_CASE("trainer: resume refuses a checkpoint made with another schedule, naming each setting", "[trainer]") {
-  auto dir = emt_test::scratch_dir("trainer_compat");
+  auto dir = emt_test::scratch_dir("trainer_compat_schedule");
   auto o = toy_options(dir, 3);
   o.compat = {{"finetune.epochs", "3"}, {"finetune.learning_rate", "0.0002"}, {"run.seed", "0"}};
   {
