@@ -165,12 +165,20 @@ TrainableSetup apply_training_policy(torch::nn::Module& model, const TrainingPol
     }
     item.value().set_requires_grad(train);
   }
+  // Master weights: the frozen weights keep run.dtype, every trained tensor is fp32 (so are its optimizer
+  // moments); forward passes cast at the boundaries (emt::Linear, the projector's input, the prompt prefix).
+  {
+    torch::NoGradGuard ng;
+    for (auto& t : model.parameters(true))
+      if (t.requires_grad() && t.is_floating_point() && t.scalar_type() != torch::kFloat32)
+        t.set_data(t.to(torch::kFloat32));
+  }
   if (policy.prompt) {
     std::vector<int64_t> ids;
     // PEFT tokenizes init_text with the model's tokenizer as is (LLaMA's adds BOS).
     if (pt.init == "text") ids = hooks.tokenizer->encode(pt.init_text, /*add_bos=*/true);
     auto prompt = init_prompt_embeddings(pt.num_virtual_tokens, embed, pt.init, ids)
-                      .to(embed.device(), embed.scalar_type())
+                      .to(embed.device(), torch::kFloat32)
                       .detach();
     prompt.set_requires_grad(true);
     out.prompt_embeddings = prompt;

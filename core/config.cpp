@@ -482,7 +482,7 @@ void check_finetune(const RunConfig& c, Checker& ck) {
   ck.in_range("finetune.warmup_ratio", f.warmup_ratio, 0.0, 1.0);
   ck.non_negative("finetune.warmup_steps", f.warmup_steps);
   ck.non_negative("finetune.max_grad_norm", f.max_grad_norm);
-  ck.one_of("finetune.precision", f.precision, {"f32", "bf16"});
+  ck.one_of("finetune.precision", f.precision, {"f32", "bf16", "fp16"});
   ck.positive("finetune.nan_patience", f.nan_patience);
   ck.non_negative("finetune.keep_last_n", f.keep_last_n);
   ck.non_negative("finetune.checkpoint_every_steps", f.checkpoint_every_steps);

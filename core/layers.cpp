@@ -22,7 +22,11 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   // x: [..., in] -> [..., out]
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == options.in, "Linear: expected last dim ", options.in, ", got ",
               x.sizes());
-  auto y = torch::nn::functional::linear(x, weight, bias);
+  // A trained layer keeps fp32 master weights beside frozen bf16/fp16 ones: its input is cast to the weight's
+  // dtype and its output back to the input's, so the activations keep the model's dtype.
+  const bool cast = x.scalar_type() != weight.scalar_type();
+  auto y = torch::nn::functional::linear(cast ? x.to(weight.scalar_type()) : x, weight, bias);
+  if (cast) y = y.to(x.scalar_type());
   if (has_low_rank() && !merged_ && runtime_scale_ != 0.0) {
     auto h = lora_dropout ? lora_dropout->forward(x) : x;
     y = y + lora_B->forward(lora_A->forward(h.to(lora_A->weight.scalar_type())))
@@ -35,7 +39,8 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
 void LinearImpl::attach_low_rank(int64_t r, double scale, double dropout) {
   TORCH_CHECK(r > 0, "LoRA rank must be positive, got ", r);
   if (has_low_rank()) detach_low_rank();
-  auto opts = torch::TensorOptions().dtype(weight.scalar_type()).device(weight.device());
+  // The low-rank factors are trained tensors: fp32 whatever the base weight's dtype (forward casts to and fro).
+  auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(weight.device());
   lora_A = register_module("lora_A", torch::nn::Linear(torch::nn::LinearOptions(options.in, r).bias(false)));
   lora_B = register_module("lora_B", torch::nn::Linear(torch::nn::LinearOptions(r, options.out).bias(false)));
   lora_A->to(opts.device(), opts.dtype().toScalarType());

@@ -4,6 +4,7 @@
 #include <emt/core/config.h>
 #include <emt/core/error.h>
 #include <emt/core/llama.h>
+#include <emt/core/runtime.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 
@@ -231,6 +232,10 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
       std::lock_guard<std::mutex> lock(gen.mutex());
       ctx->saved_data["rng"] = gen.get_state();
     }
+    // The recompute in backward runs outside the caller's autocast scope: it must cast as the forward did.
+    const AutocastState ac = autocast_state(x.device().type());
+    ctx->saved_data["autocast"] = ac.enabled;
+    ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(ac.dtype);
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     ctx->saved_data["n_params"] = static_cast<int64_t>(params.size());
     std::vector<torch::Tensor> saved{x, cos, sin, mask};
@@ -258,6 +263,10 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     torch::Tensor y;
     {
       torch::AutoGradMode enable(true);
+      AutocastState ac;
+      ac.enabled = ctx->saved_data["autocast"].toBool();
+      ac.dtype = static_cast<torch::ScalarType>(ctx->saved_data["autocast_dtype"].toInt());
+      AutocastScope scope(x.device().type(), ac);
       y = layer->forward(x, saved[1], saved[2], saved[3]);
     }
     {

@@ -4,6 +4,8 @@
 #include <emt/core/runtime.h>
 #include <fcntl.h>
 #include <stdio.h>  // renameat2, RENAME_EXCHANGE (glibc >= 2.28)
+#include <ATen/autocast_mode.h>
+#include <sys/resource.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -178,6 +180,92 @@ void commit_dir_atomic(const std::string& tmp_dir, const std::string& final_dir)
   fs::rename(tmp_dir, fin, ec);
   if (ec) throw IoError("[io] cannot rename '" + tmp_dir + "' to '" + final_dir + "': " + ec.message());
   fsync_dir(fin.parent_path());
+}
+
+// LibTorch 2.4 replaced the per-device autocast accessors by ones taking a device type; both spellings do the
+// same thing.
+AutocastState autocast_state(torch::DeviceType type) {
+  AutocastState s;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  s.enabled = at::autocast::is_autocast_enabled(type);
+  s.dtype = at::autocast::get_autocast_dtype(type);
+#else
+  if (type == torch::kCUDA) {
+    s.enabled = at::autocast::is_enabled();
+    s.dtype = at::autocast::get_autocast_gpu_dtype();
+  } else {
+    s.enabled = at::autocast::is_cpu_enabled();
+    s.dtype = at::autocast::get_autocast_cpu_dtype();
+  }
+#endif
+  return s;
+}
+
+void set_autocast_state(torch::DeviceType type, const AutocastState& s) {
+  const bool was = autocast_state(type).enabled;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  at::autocast::set_autocast_dtype(type, s.dtype);
+  at::autocast::set_autocast_enabled(type, s.enabled);
+#else
+  if (type == torch::kCUDA) {
+    at::autocast::set_autocast_gpu_dtype(s.dtype);
+    at::autocast::set_enabled(s.enabled);
+  } else {
+    at::autocast::set_autocast_cpu_dtype(s.dtype);
+    at::autocast::set_cpu_enabled(s.enabled);
+  }
+#endif
+  if (was && !s.enabled) at::autocast::clear_cache();  // casts of weights are cached while autocast is on
+}
+
+AutocastScope::AutocastScope(torch::DeviceType type, const AutocastState& s)
+    : type_(type), prev_(autocast_state(type)) {
+  set_autocast_state(type_, s);
+}
+
+AutocastScope::~AutocastScope() { set_autocast_state(type_, prev_); }
+
+double host_peak_rss_mb() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;  // Linux reports KiB
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> generator_states() {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  auto state_of = [](const torch::Device& d) {
+    at::Generator gen = torch::globalContext().defaultGenerator(d);  // a handle to the global one
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    return gen.get_state();
+  };
+  out.emplace_back("cpu", state_of(torch::Device(torch::kCPU)));
+  const auto n = torch::cuda::device_count();
+  for (size_t i = 0; i < n; ++i)
+    out.emplace_back("cuda:" + std::to_string(i),
+                     state_of(torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(i))));
+  return out;
+}
+
+std::vector<std::string> set_generator_states(const std::vector<std::pair<std::string, torch::Tensor>>& states) {
+  std::vector<std::string> unmatched;
+  const auto n = torch::cuda::device_count();
+  for (const auto& [name, state] : states) {
+    torch::Device dev(torch::kCPU);
+    if (name != "cpu") {
+      if (name.rfind("cuda:", 0) != 0)
+        throw FormatError("[runtime] generator state '" + name + "': expected cpu or cuda:<index>");
+      const size_t i = std::stoul(name.substr(5));
+      if (i >= n) {
+        unmatched.push_back(name);
+        continue;
+      }
+      dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(i));
+    }
+    at::Generator gen = torch::globalContext().defaultGenerator(dev);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(state);
+  }
+  return unmatched;
 }
 
 }  // namespace emt

@@ -26,6 +26,7 @@
 
 #include "expect_error.h"
 #include "helpers.h"
+#include "test_batches.h"
 #include "test_models_common.h"
 
 namespace fs = std::filesystem;
@@ -406,23 +407,7 @@ TEST_CASE("trainer: incompatible checkpoint is refused with the mismatches named
   }
 }
 
-// One fixed multimodal batch, every step: what any real training loop must be able to memorise.
-class FixedBatchSource : public emt::BatchSource {
- public:
-  explicit FixedBatchSource(Batch b) : b_(std::move(b)) {}
-  int64_t num_batches() const override { return 1; }
-  void start_epoch(int64_t, int64_t skip) override { given_ = skip > 0; }
-  bool next(Batch& out) override {
-    if (given_) return false;
-    out = b_;
-    given_ = true;
-    return true;
-  }
-
- private:
-  Batch b_;
-  bool given_ = false;
-};
+using emt_test::FixedBatchSource;
 
 TEST_CASE("trainer: the real multimodal model memorises one batch (LoRA and full fine-tuning)", "[trainer]") {
   // Two images, the same prompt, different answers: only the image tells them apart, so the answers can only be
@@ -431,32 +416,14 @@ TEST_CASE("trainer: the real multimodal model memorises one batch (LoRA and full
   auto run = [&](const std::string& method) {
     torch::manual_seed(21);
     auto model = emt::build_llava(emt_test::tiny_model_section(), img);
-    emt::FinetuneSection ft;
-    ft.method = method;
-    ft.lora.r = 4;
-    ft.lora.alpha = 8;
-    ft.lora.dropout = 0.0;
-    ft.learning_rate = 1e-2;
-    auto setup = emt::apply_method(*model, ft);
-    Batch b;
-    b.images = torch::randn({2, 3, 8, 8});
-    b.input_ids = torch::tensor(std::vector<int64_t>{1, img, 5, 6, 7, 20, 21, 2, 1, img, 5, 6, 7, 30, 31, 2}).view({2, 8});
-    b.attention_mask = torch::ones_like(b.input_ids);
-    b.labels = torch::full_like(b.input_ids, -100);
-    b.labels.narrow(1, 5, 3).copy_(b.input_ids.narrow(1, 5, 3));
-    b.indices = {0, 1};
+    auto setup = emt::apply_method(*model, emt_test::memorise_section(method));
+    Batch b = emt_test::memorise_batch(img);
     FixedBatchSource src(b);
     emt::LlavaObjective obj(model, torch::kCPU);
     emt::TrainableIO io;
     io.get = [] { return emt::NamedTensors{}; };
     io.set = [](const emt::NamedTensors&) {};
-    emt::TrainerOptions o;
-    o.epochs = 60;
-    o.schedule = "constant";
-    o.warmup_steps = 0;
-    o.progress = false;
-    o.handle_signals = false;
-    emt::Trainer t(obj, src, setup.groups, io, o);
+    emt::Trainer t(obj, src, setup.groups, io, emt_test::quiet_options(60));
     auto s = t.fit();
     model->eval();
     emt::GenerateOptions g;

@@ -1,11 +1,10 @@
 // The one training loop: AdamW over parameter groups, schedules, accumulation, clipping, autocast, NaN guard,
 // atomic checkpoints with exact resume (weights, optimizer, step, data position, RNG), preemption, metrics.
-#include <ATen/autocast_mode.h>
 #include <emt/core/log.h>
 #include <emt/core/metrics.h>
 #include <emt/core/runtime.h>
+#include <emt/train/grad_scaler.h>
 #include <emt/train/trainer.h>
-#include <sys/resource.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 #include <unistd.h>
@@ -73,13 +72,6 @@ void maybe_inject_fault(int64_t step) {
   ::kill(::getpid(), sig == "KILL" ? SIGKILL : sig == "USR1" ? SIGUSR1 : SIGTERM);
 }
 
-double peak_memory_mb(const torch::Device& dev) {
-  (void)dev;
-  struct rusage ru {};
-  getrusage(RUSAGE_SELF, &ru);
-  return ru.ru_maxrss / 1024.0;  // Linux reports KiB
-}
-
 // Optimizer::state() is keyed by the parameter's TensorImpl: as its printed address (a string) up to LibTorch
 // 2.1, as the pointer itself from 2.2 on. The key type is read off the map, so no version number is guessed.
 template <typename Key>
@@ -97,34 +89,6 @@ auto state_key(torch::optim::Optimizer& opt, const torch::Tensor& p) {
   using Key = typename std::decay_t<decltype(opt.state())>::key_type;
   return state_key_as<Key>(p);
 }
-
-// bf16 autocast on or off for the device's type. LibTorch 2.4 replaced the per-device setters by ones taking a
-// device type; both spellings do the same thing.
-void set_autocast(bool cuda, bool on) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-  const auto type = cuda ? at::kCUDA : at::kCPU;
-  at::autocast::set_autocast_enabled(type, on);
-  if (on) at::autocast::set_autocast_dtype(type, torch::kBFloat16);
-#else
-  if (cuda) {
-    at::autocast::set_enabled(on);
-    if (on) at::autocast::set_autocast_gpu_dtype(torch::kBFloat16);
-  } else {
-    at::autocast::set_cpu_enabled(on);
-    if (on) at::autocast::set_autocast_cpu_dtype(torch::kBFloat16);
-  }
-#endif
-  if (!on) at::autocast::clear_cache();
-}
-
-// Autocast for one forward pass; switched off again even when the pass throws.
-struct AutocastScope {
-  bool cuda, on;
-  AutocastScope(bool cuda_, bool on_) : cuda(cuda_), on(on_) { if (on) set_autocast(cuda, true); }
-  ~AutocastScope() { if (on) set_autocast(cuda, false); }
-  AutocastScope(const AutocastScope&) = delete;
-  AutocastScope& operator=(const AutocastScope&) = delete;
-};
 
 // Whole-tensor serialisation through safetensors keeps checkpoints inspectable with standard tools.
 NamedTensors optimizer_tensors(torch::optim::Optimizer& opt) {
@@ -246,6 +210,7 @@ struct Trainer::State {
   int64_t step = 0;           // optimizer steps done
   int64_t skipped = 0;        // non-finite steps skipped in total
   int64_t bad_in_row = 0;
+  int64_t overflows = 0;      // fp16 steps skipped because the scaled gradients overflowed
   double epoch_loss_sum = 0.0;
   int64_t epoch_loss_n = 0;
 };
@@ -255,6 +220,20 @@ Trainer::Trainer(Objective& objective, BatchSource& data, std::vector<ParamGroup
     : objective_(objective), data_(data), groups_(std::move(groups)), io_(std::move(io)), opts_(std::move(opts)) {
   if (groups_.empty()) throw ConfigError("[trainer] nothing to train: the method left no trainable parameters");
   if (opts_.grad_accum < 1) throw ConfigError("[trainer] grad_accum must be >= 1");
+  if (opts_.precision != "f32" && opts_.precision != "bf16" && opts_.precision != "fp16")
+    throw ConfigError("[trainer] finetune.precision must be f32, bf16 or fp16 (got '" + opts_.precision + "')");
+  if (opts_.precision == "fp16") {
+    if (!opts_.device.is_cuda())
+      throw ConfigError("[trainer] finetune.precision fp16 needs a CUDA device (run.device is " +
+                        opts_.device.str() + "); use bf16 on CPU");
+    scaler_ = std::make_unique<GradScaler>();
+  }
+  for (const auto& g : groups_)
+    for (const auto& p : g.params)
+      if (p.is_floating_point() && p.scalar_type() != torch::kFloat32)
+        throw ConfigError("[trainer] trained tensors must be fp32 (master weights; run.dtype applies to frozen "
+                          "weights only), got a " + dtype_name(p.scalar_type()) + " tensor of shape " +
+                          c10::str(p.sizes()) + " in group '" + g.name + "'");
   std::vector<torch::optim::OptimizerParamGroup> pg;
   for (const auto& g : groups_) {
     auto o = std::make_unique<torch::optim::AdamWOptions>(g.lr);
@@ -298,11 +277,13 @@ void Trainer::save_checkpoint(const std::string& name, const State& st) {
     fs::create_directories(tmp);
     save_safetensors((tmp / "trainable.safetensors").string(), io_.get());
     save_safetensors((tmp / "optimizer.safetensors").string(), optimizer_tensors(*optimizer_));
-    NamedTensors rng = {{"cpu", torch::globalContext().defaultGenerator(torch::kCPU).get_state()}};
+    NamedTensors rng;
+    for (auto& [name, state] : generator_states()) rng.emplace_back(name, state);  // cpu, cuda:<i>
     save_safetensors((tmp / "rng.safetensors").string(), rng);
     json j = {{"epoch", st.epoch}, {"batch", st.batch}, {"step", st.step}, {"skipped_nonfinite", st.skipped},
-              {"bad_in_row", st.bad_in_row}, {"epoch_loss_sum", st.epoch_loss_sum},
-              {"epoch_loss_n", st.epoch_loss_n}, {"compat", opts_.compat}};
+              {"bad_in_row", st.bad_in_row}, {"skipped_overflow", st.overflows},
+              {"epoch_loss_sum", st.epoch_loss_sum}, {"epoch_loss_n", st.epoch_loss_n}, {"compat", opts_.compat}};
+    if (scaler_) j["grad_scale"] = {{"scale", scaler_->scale()}, {"good_steps", scaler_->good_steps()}};
     write_file_atomic((tmp / "trainer_state.json").string(), j.dump(2) + "\n");
     if (!opts_.config_yaml.empty()) write_file_atomic((tmp / "config.yaml").string(), opts_.config_yaml);
     if (io_.save_artifacts) io_.save_artifacts(tmp.string());
@@ -340,16 +321,19 @@ void Trainer::load_checkpoint(const std::string& dir, State& st) {
   io_.set(tensors);
   load_optimizer_tensors(*optimizer_, SafetensorsReader(dir + "/optimizer.safetensors"));
   SafetensorsReader rng(dir + "/rng.safetensors");
-  {
-    at::Generator gen = torch::globalContext().defaultGenerator(torch::kCPU);  // a handle to the global one
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(rng.load("cpu"));
-  }
+  std::vector<std::pair<std::string, torch::Tensor>> states;
+  for (const auto& n : rng.names()) states.emplace_back(n, rng.load(n));
+  for (const auto& missing : set_generator_states(states))
+    log_warn("[trainer] checkpoint '{}' holds the {} generator, which this process does not see: dropout there "
+             "will not continue exactly", dir, missing);
+  if (scaler_ && j.contains("grad_scale"))
+    scaler_->restore(j["grad_scale"].at("scale").get<double>(), j["grad_scale"].at("good_steps").get<int64_t>());
   st.epoch = j.at("epoch");
   st.batch = j.at("batch");
   st.step = j.at("step");
   st.skipped = j.at("skipped_nonfinite");
   st.bad_in_row = j.at("bad_in_row");
+  st.overflows = j.value("skipped_overflow", int64_t{0});
   st.epoch_loss_sum = j.at("epoch_loss_sum");
   st.epoch_loss_n = j.at("epoch_loss_n");
 }
@@ -462,22 +446,27 @@ void Trainer::open_run_dir(Loop& run) {
 // run in the middle of the epoch (its position is then checkpointed as step_last).
 bool Trainer::train_epoch(Loop& run) {
   auto& st = run.st;
-  const bool bf16 = opts_.precision == "bf16";
-  const bool cuda = opts_.device.is_cuda();
+  const auto dev_type = opts_.device.type();
+  AutocastState autocast;
+  autocast.enabled = opts_.precision != "f32";
+  autocast.dtype = opts_.precision == "fp16" ? torch::kHalf : torch::kBFloat16;
   data_.start_epoch(st.epoch, st.batch);
   Batch batch;
   int64_t micro = 0;
-  torch::Tensor acc_loss = torch::zeros({}, torch::kFloat32);
+  // The micro-step losses stay on the device; optimizer_step reads them with the gradient norm in one sync.
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(opts_.device);
+  torch::Tensor acc_loss = torch::zeros({}, f32);
   bool have_batch = data_.next(batch);
   while (have_batch) {
     StepLoss sl;
     {
-      AutocastScope autocast(cuda, bf16);
+      AutocastScope scope(dev_type, autocast);
       sl = objective_.loss(batch);
     }
     torch::Tensor loss = sl.loss.to(torch::kFloat32);
-    (loss / static_cast<double>(opts_.grad_accum)).backward();
-    acc_loss = acc_loss + loss.detach().to(torch::kCPU);
+    const double scale = scaler_ ? scaler_->scale() : 1.0;
+    (loss * (scale / static_cast<double>(opts_.grad_accum))).backward();
+    acc_loss = acc_loss + loss.detach().to(opts_.device);
     run.samples_since += sl.samples;
     run.tokens_since += sl.tokens;
     run.samples_total += sl.samples;
@@ -486,10 +475,10 @@ bool Trainer::train_epoch(Loop& run) {
     have_batch = data_.next(batch);
     if (micro < opts_.grad_accum && have_batch) continue;
 
-    const double mean_loss = acc_loss.item<double>() / static_cast<double>(micro);
-    const double grad_norm = optimizer_step(run, mean_loss);
+    const double grad_norm = optimizer_step(run, acc_loss, micro);
+    const double mean_loss = run.summary.last_step_loss;
     micro = 0;
-    acc_loss = torch::zeros({}, torch::kFloat32);
+    acc_loss = torch::zeros({}, f32);
     log_step(run, mean_loss, grad_norm, !have_batch);
     checkpoint_or_preempt(run, have_batch);
     if (opts_.max_steps > 0 && st.step >= opts_.max_steps) {
@@ -504,16 +493,30 @@ bool Trainer::train_epoch(Loop& run) {
   return true;
 }
 
-// One optimizer step on the accumulated gradients. A single host sync decides whether the step is finite; a
-// non-finite one is skipped and counted, and nan_patience of them in a row stop the run. Returns the
-// gradient norm before clipping.
-double Trainer::optimizer_step(Loop& run, double mean_loss) {
+// One optimizer step on the accumulated gradients. One device-to-host sync reads the summed micro-step losses
+// and the squared gradient norm together. A non-finite loss (or, without fp16 loss scaling, gradient) skips the
+// step and counts toward nan_patience; under fp16 an overflowing gradient only shrinks the loss scale.
+// Returns the (unscaled) gradient norm before clipping.
+double Trainer::optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t micro) {
   auto& st = run.st;
-  torch::Tensor norm_sq = torch::zeros({}, torch::kFloat32);
+  std::vector<torch::Tensor> parts{loss_sum.reshape({1})};
   for (auto& p : run.params)
-    if (p.grad().defined()) norm_sq = norm_sq + p.grad().detach().to(torch::kFloat32).pow(2).sum().cpu();
-  const double grad_norm = std::sqrt(norm_sq.item<double>());
-  if (!std::isfinite(mean_loss) || !std::isfinite(grad_norm)) {
+    if (p.grad().defined()) parts.push_back(p.grad().detach().to(torch::kFloat32).pow(2).sum().reshape({1}));
+  auto host = torch::cat(parts).cpu();  // the step's one sync
+  auto h = host.accessor<float, 1>();
+  double norm_sq = 0.0;
+  for (int64_t i = 1; i < host.size(0); ++i) norm_sq += h[i];
+  const double scale = scaler_ ? scaler_->scale() : 1.0;
+  const double mean_loss = static_cast<double>(h[0]) / static_cast<double>(micro);
+  const double grad_norm = std::sqrt(norm_sq) / scale;
+  run.summary.last_step_loss = mean_loss;
+  const bool loss_ok = std::isfinite(mean_loss), grad_ok = std::isfinite(grad_norm);
+  if (loss_ok && !grad_ok && scaler_ && !(scaler_->update(false), scaler_->exhausted())) {
+    ++st.overflows;
+    optimizer_->zero_grad();
+    log_info("[trainer] fp16 gradient overflow at step {}: step skipped, loss scale {} -> {}", st.step + 1, scale,
+             scaler_->scale());
+  } else if (!loss_ok || !grad_ok) {
     ++st.skipped;
     ++st.bad_in_row;
     ++run.summary.skipped_nonfinite;
@@ -528,9 +531,12 @@ double Trainer::optimizer_step(Loop& run, double mean_loss) {
     }
   } else {
     st.bad_in_row = 0;
-    if (opts_.max_grad_norm > 0 && grad_norm > opts_.max_grad_norm) {
+    if (scaler_) scaler_->update(true);
+    // Unscaling and clipping are one multiplication of every gradient.
+    double coef = 1.0 / scale;
+    if (opts_.max_grad_norm > 0 && grad_norm > opts_.max_grad_norm) coef *= opts_.max_grad_norm / (grad_norm + 1e-6);
+    if (coef != 1.0) {
       torch::NoGradGuard ng;
-      const double coef = opts_.max_grad_norm / (grad_norm + 1e-6);
       for (auto& p : run.params)
         if (p.grad().defined()) p.grad().mul_(coef);
     }
@@ -556,10 +562,19 @@ void Trainer::log_step(Loop& run, double mean_loss, double grad_norm, bool epoch
     auto now = std::chrono::steady_clock::now();
     const double dt = std::max(1e-9, std::chrono::duration<double>(now - run.t_log).count());
     const double lr0 = static_cast<torch::optim::AdamWOptions&>(optimizer_->param_groups()[0].options()).lr();
-    run.metrics->write({{"step", st.step}, {"epoch", st.epoch + 1}, {"loss", mean_loss}, {"lr", lr0},
-                        {"grad_norm", grad_norm}, {"samples_per_s", run.samples_since / dt},
-                        {"tokens_per_s", run.tokens_since / dt}, {"peak_mem_mb", peak_memory_mb(opts_.device)},
-                        {"skipped_nonfinite", st.skipped}});
+    JsonFields metrics_line = {{"step", st.step}, {"epoch", st.epoch + 1}, {"loss", mean_loss}, {"lr", lr0},
+                               {"grad_norm", grad_norm}, {"samples_per_s", run.samples_since / dt},
+                               {"tokens_per_s", run.tokens_since / dt}, {"peak_mem_mb", host_peak_rss_mb()},
+                               {"skipped_nonfinite", st.skipped}};
+    if (opts_.device.is_cuda()) {
+      const double gpu = device_peak_allocated_mb(opts_.device);
+      if (gpu >= 0) metrics_line.emplace_back("peak_gpu_mem_mb", gpu);
+    }
+    if (scaler_) {
+      metrics_line.emplace_back("loss_scale", scaler_->scale());
+      metrics_line.emplace_back("skipped_overflow", st.overflows);
+    }
+    run.metrics->write(metrics_line);
     run.t_log = now;
     run.samples_since = run.tokens_since = 0;
   }

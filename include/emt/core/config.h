@@ -235,7 +235,7 @@ struct FinetuneSection {
   double warmup_ratio = 0.03;
   int64_t warmup_steps = 0;         // > 0 overrides warmup_ratio
   double max_grad_norm = 1.0;       // 0 = no clipping
-  std::string precision = "f32";    // f32 | bf16 (autocast)
+  std::string precision = "f32";    // f32 | bf16 (autocast) | fp16 (autocast + loss scaling, CUDA)
   bool grad_checkpointing = false;
   int nan_patience = 5;             // stop after this many non-finite steps in a row
   int keep_last_n = 0;              // 0 = keep every epoch checkpoint
@@ -262,7 +262,7 @@ struct FinetuneSection {
     v("warmup_ratio", warmup_ratio, "warmup as a fraction of total steps");
     v("warmup_steps", warmup_steps, "warmup steps; > 0 overrides warmup_ratio");
     v("max_grad_norm", max_grad_norm, "global-norm clipping; 0 = off");
-    v("precision", precision, "f32 | bf16 (autocast)");
+    v("precision", precision, "f32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling; CUDA only)");
     v("grad_checkpointing", grad_checkpointing, "recompute decoder blocks in backward to save memory");
     v("nan_patience", nan_patience, "stop after this many non-finite losses in a row");
     v("keep_last_n", keep_last_n, "epoch checkpoints kept; 0 = all");

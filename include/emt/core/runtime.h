@@ -4,6 +4,8 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace emt {
 
@@ -23,6 +25,38 @@ struct RunSection;
 // The process-wide part of a run section, applied once by each entry point: run.threads, run.seed and
 // run.deterministic. Returns the intra-op thread count in effect.
 int apply_run_section(const RunSection& run);
+
+// Autocast of one device type (CPU or CUDA): on/off and the dtype it casts to. The state is thread-local.
+struct AutocastState {
+  bool enabled = false;
+  torch::ScalarType dtype = torch::kBFloat16;
+};
+AutocastState autocast_state(torch::DeviceType type);
+void set_autocast_state(torch::DeviceType type, const AutocastState& s);  // leaving autocast clears its cache
+// Sets an autocast state for a scope and restores the previous one on exit, also when the scope throws.
+class AutocastScope {
+ public:
+  AutocastScope(torch::DeviceType type, const AutocastState& s);
+  ~AutocastScope();
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  torch::DeviceType type_;
+  AutocastState prev_;
+};
+
+// Peak memory: the process's peak resident set (host RSS), and the caching allocator's peak of allocated bytes
+// on a CUDA device (negative when this build has no CUDA allocator statistics or the device is not CUDA).
+double host_peak_rss_mb();
+double device_peak_allocated_mb(const torch::Device& dev);
+bool built_with_cuda_stats();
+
+// States of the default generators, for checkpoints: "cpu" and "cuda:<i>" for every visible CUDA device.
+std::vector<std::pair<std::string, torch::Tensor>> generator_states();
+// Restores what generator_states() saved. CUDA states for devices this process does not see are reported in
+// the returned list (the caller warns: dropout on those devices will not continue exactly).
+std::vector<std::string> set_generator_states(const std::vector<std::pair<std::string, torch::Tensor>>& states);
 
 // Writes bytes to `path` through a temporary file in the same directory + fsync + rename, so readers only ever
 // see the old or the new content. Throws IoError naming the path (disk full, permission, ...).

@@ -72,7 +72,7 @@ struct TrainerOptions {
   int64_t warmup_steps = 0;
   double weight_decay = 0.0;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  std::string precision = "f32";   // f32 | bf16
+  std::string precision = "f32";   // f32 | bf16 (autocast) | fp16 (autocast + loss scaling, CUDA only)
   int nan_patience = 5;
   int keep_last_n = 0;
   int64_t checkpoint_every_steps = 0;
@@ -100,6 +100,7 @@ struct EpochEnd {
 struct TrainSummary {
   int64_t steps = 0, epochs_done = 0, skipped_nonfinite = 0;
   double last_loss = 0.0, seconds = 0.0, samples_per_s = 0.0;
+  double last_step_loss = 0.0;     // mean loss of the latest optimizer step, finite or not
   bool resumed = false;
   std::vector<double> losses;      // every finite micro-step loss of this process, in order (tests, summaries)
 };
@@ -107,6 +108,8 @@ struct TrainSummary {
 // Learning-rate multiplier in [0, 1] at optimizer step `step` (0-based) of `total`.
 double schedule_factor(const std::string& kind, int64_t step, int64_t total, int64_t warmup);
 int64_t warmup_for(double ratio, int64_t steps, int64_t total);
+
+class GradScaler;
 
 class Trainer {
  public:
@@ -126,7 +129,7 @@ class Trainer {
   void plan(Loop& run) const;
   void open_run_dir(Loop& run);
   bool train_epoch(Loop& run);
-  double optimizer_step(Loop& run, double mean_loss);
+  double optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t micro);
   void log_step(Loop& run, double mean_loss, double grad_norm, bool epoch_end);
   void checkpoint_or_preempt(Loop& run, bool more_in_epoch);
   void end_epoch(Loop& run);
@@ -140,6 +143,7 @@ class Trainer {
   TrainableIO io_;
   TrainerOptions opts_;
   std::unique_ptr<torch::optim::Optimizer> optimizer_;
+  std::unique_ptr<GradScaler> scaler_;  // fp16 only
   std::vector<std::function<void(const EpochEnd&)>> callbacks_;
 };
 
