@@ -36,6 +36,11 @@ json read_config_json(const std::string& dir) {
   }
 }
 
+// The original LLaVA code's config.json: LLaMA's fields at the top level plus mm_* keys, no sub-configs.
+bool is_original_llava(const json& j) {
+  return !j.contains("text_config") && (j.contains("mm_vision_tower") || j.contains("mm_hidden_size"));
+}
+
 // Typed field with a default (the HF class default) and a FormatError naming the file and key on a wrong type.
 template <class T>
 T field(const json& j, const char* key, T def, const std::string& where) {
@@ -246,6 +251,19 @@ std::string llava_module_key(const std::string& k) {
   return key;
 }
 
+// The original LLaVA layout's tensor names -> module paths (the LLaMA decoder at the top level, the projector under
+// model.mm_projector, a tower saved with the checkpoint under model.vision_tower.vision_tower).
+static std::string original_llava_module_key(const std::string& k) {
+  if (ends_with(k, ".position_ids") || ends_with(k, ".rotary_emb.inv_freq")) return "";
+  if (starts_with(k, "model.mm_projector.0.")) return "multi_modal_projector.linear_1." + k.substr(21);
+  if (starts_with(k, "model.mm_projector.2.")) return "multi_modal_projector.linear_2." + k.substr(21);
+  if (starts_with(k, "model.mm_projector.")) return "multi_modal_projector.linear_1." + k.substr(19);
+  if (starts_with(k, "model.vision_tower.vision_tower.")) return "vision_tower." + k.substr(32);
+  if (starts_with(k, "model.")) return "language_model." + k;
+  if (starts_with(k, "lm_head.")) return "language_model." + k;
+  return k;  // reported as unexpected by the strict loader
+}
+
 std::string llava_file_key(const std::string& k, const std::string& style) {
   return path_to_style(k, parse_key_style(style));
 }
@@ -306,12 +324,57 @@ std::vector<std::pair<std::string, torch::Tensor>> state_for_save(
 
 // ---- config.json ------------------------------------------------------------------------------------------
 
-ModelSection model_section_from_hf(const std::string& dir) {
+// The CLIP folder of an original-layout LLaVA: `override` (model.vision_tower), else mm_vision_tower when it is a
+// local directory (absolute, or relative to the model directory).
+static std::string original_vision_tower(const json& j, const std::string& dir, const std::string& override) {
+  const std::string where = dir + "/config.json";
+  const auto named = field<std::string>(j, "mm_vision_tower", "", where);
+  std::vector<std::string> candidates;
+  if (!override.empty()) candidates = {override};
+  else if (!named.empty()) candidates = {named, (fs::path(dir) / named).string()};
+  for (const auto& c : candidates)
+    if (fs::exists(fs::path(c) / "config.json")) return c;
+  if (!override.empty())
+    throw IoError("[hf] model.vision_tower: '" + override + "' has no config.json (expected a CLIP model directory)");
+  throw ConfigError("[hf] " + where + ": the vision tower is not in this checkpoint; config.json names it '" + named +
+                    "' (mm_vision_tower), which is not a local directory: download that CLIP model and set "
+                    "model.vision_tower=<its directory>");
+}
+
+namespace {
+// The vision tower's shapes from a CLIP folder (a CLIPModel with vision_config, or a CLIPVisionModel).
+VisionConfig clip_folder_vision(const std::string& clip_dir) {
+  auto c = read_config_json(clip_dir);
+  const std::string where = clip_dir + "/config.json";
+  return c.contains("vision_config") ? vision_from_json(c.at("vision_config"), where + ": vision_config")
+                                     : vision_from_json(c, where);
+}
+}  // namespace
+
+ModelSection model_section_from_hf(const std::string& dir, const std::string& vision_tower) {
   auto j = read_config_json(dir);
   auto where = dir + "/config.json";
   auto type = model_type_of(j, dir);
   ModelSection m;
   m.pretrained = dir;
+  if ((type == "llava" || type == "llava_llama") && is_original_llava(j)) {
+    m.llm = llm_from_json(j, where);
+    m.vision = clip_folder_vision(original_vision_tower(j, dir, vision_tower));
+    const auto mm_hidden = field<int64_t>(j, "mm_hidden_size", m.vision.hidden_size, where);
+    if (mm_hidden != m.vision.hidden_size)
+      throw FormatError("[hf] " + where + ": mm_hidden_size " + std::to_string(mm_hidden) +
+                        " but the vision tower's hidden_size is " + std::to_string(m.vision.hidden_size));
+    m.vision.select_layer = field<int64_t>(j, "mm_vision_select_layer", -1, where);
+    const auto feature = field<std::string>(j, "mm_vision_select_feature", "patch", where);
+    if (feature != "patch" && feature != "cls_patch")
+      throw FormatError("[hf] " + where + ": mm_vision_select_feature '" + feature + "' (expected patch or cls_patch)");
+    m.vision.select_feature = feature;
+    m.projector = field<std::string>(j, "mm_projector_type", "linear", where);
+    // LLaVA v0 (mm_use_im_start_end) was trained with the "###" conversation, LLaVA 1.5 with vicuna_v1.
+    m.conversation = field<std::string>(j, "conversation", field(j, "mm_use_im_start_end", false, where)
+                                                                 ? "llava_v0" : "vicuna_v1", where);
+    return m;
+  }
   if (type == "llava") {
     if (!j.contains("vision_config") || !j.contains("text_config"))
       throw FormatError("[hf] " + where + ": llava config needs vision_config and text_config");
@@ -353,19 +416,83 @@ ModelSection model_section_from_hf(const std::string& dir) {
 
 // ---- LLaVA ------------------------------------------------------------------------------------------------
 
-LlavaModel load_llava(const std::string& hf_dir, torch::ScalarType dtype, torch::Device device) {
+namespace {
+
+// An added token's id from added_tokens.json / tokenizer_config.json beside the weights, else `def`.
+int64_t added_token_id(const std::string& dir, const std::string& token, int64_t def) {
+  const auto added = fs::path(dir) / "added_tokens.json";
+  if (fs::exists(added)) {
+    auto j = json::parse(read_file(added.string()), nullptr, false);
+    if (j.is_object() && j.contains(token) && j.at(token).is_number_integer()) return j.at(token).get<int64_t>();
+  }
+  return def;
+}
+
+// The original LLaVA layout: the decoder and projector from the checkpoint, the tower from it when it holds one,
+// else from the CLIP folder; v0's mm_use_im_start_end wraps the image in <im_start>/<im_end>.
+LlavaModel load_original_llava(const std::string& hf_dir, const json& j, const std::string& vision_tower) {
+  const std::string where = hf_dir + "/config.json";
+  auto m = model_section_from_hf(hf_dir, vision_tower);
+  const int64_t patch = added_token_id(hf_dir, "<im_patch>", 32000);
+  auto model = build_llava(m, patch);
+  if (field(j, "mm_use_im_start_end", false, where)) {
+    model->options.im_start_id = added_token_id(hf_dir, "<im_start>", patch + 1);
+    model->options.im_end_id = added_token_id(hf_dir, "<im_end>", patch + 2);
+    for (int64_t id : {model->options.im_start_id, model->options.im_end_id})
+      if (id >= m.llm.vocab_size)
+        throw FormatError("[hf] " + where + ": mm_use_im_start_end needs <im_start>/<im_end> ids below vocab_size " +
+                          std::to_string(m.llm.vocab_size) + " (got " + std::to_string(id) + ")");
+  }
+  CheckpointReader reader(hf_dir);
+  bool has_tower = false;
+  for (const auto& n : reader.names()) has_tower = has_tower || starts_with(n, "model.vision_tower.");
+  std::vector<std::string> tower_keys;
+  if (!has_tower)
+    for (const auto& p : model->vision_tower->named_parameters(true)) tower_keys.push_back("vision_tower." + p.key());
+  bool tied = m.llm.tie_word_embeddings;
+  load_state_strict(*model, reader,
+                    [tied](const std::string& k) {
+                      auto key = original_llava_module_key(k);
+                      return tied && key == "language_model.lm_head.weight" ? std::string() : key;
+                    },
+                    hf_dir, tower_keys);
+  if (!has_tower) {
+    const auto clip_dir = original_vision_tower(j, hf_dir, vision_tower);
+    // A CLIPModel folder also holds the text tower and projections: only vision_model.* is the tower.
+    load_state_strict(*model->vision_tower, CheckpointReader(clip_dir),
+                      [](const std::string& k) {
+                        return starts_with(k, "vision_model.") && !ends_with(k, ".position_ids") ? k : std::string();
+                      },
+                      clip_dir);
+  }
+  return model;
+}
+
+}  // namespace
+
+LlavaModel load_llava(const std::string& hf_dir, torch::ScalarType dtype, torch::Device device,
+                      const std::string& vision_tower) {
   auto j = read_config_json(hf_dir);
-  if (model_type_of(j, hf_dir) != "llava")
-    throw FormatError("[hf] " + hf_dir + "/config.json: model_type '" + model_type_of(j, hf_dir) +
-                      "' is not llava");
+  const auto type = model_type_of(j, hf_dir);
+  if (type != "llava" && type != "llava_llama")
+    throw FormatError("[hf] " + hf_dir + "/config.json: model_type '" + type + "' is not llava");
+  LlavaModel model{nullptr};
+  if (is_original_llava(j)) {
+    DefaultDtypeGuard g(dtype);
+    model = load_original_llava(hf_dir, j, vision_tower);
+    model->to(device, dtype);
+    return model;
+  }
   auto m = model_section_from_hf(hf_dir);
   int64_t image_token = field<int64_t>(j, "image_token_index", 32000, hf_dir + "/config.json");
   CheckpointReader reader(hf_dir);
-  LlavaModel model{nullptr};
   {
     DefaultDtypeGuard g(dtype);
     model = build_llava(m, image_token);
   }
+  // emt writes the wrapping tokens of a v0 model it saved (llava-hf layout) into config.json.
+  model->options.im_start_id = field<int64_t>(j, "im_start_token_index", -1, hf_dir + "/config.json");
+  model->options.im_end_id = field<int64_t>(j, "im_end_token_index", -1, hf_dir + "/config.json");
   // ModelSection has no projector activation (emt's own models always use gelu): set it on the built model.
   model->options.projector.act = projector_act_from_json(j, hf_dir + "/config.json");
   model->multi_modal_projector->options.act = model->options.projector.act;
@@ -408,6 +535,11 @@ void save_llava(LlavaModel& model, const std::string& dir, const std::string& ke
          {"conversation", o.conversation},
          {"tie_word_embeddings", l.tie_word_embeddings},
          {"torch_dtype", dtype}};
+  if (o.wraps_image()) {
+    j["mm_use_im_start_end"] = true;
+    j["im_start_token_index"] = o.im_start_id;
+    j["im_end_token_index"] = o.im_end_id;
+  }
   j["text_config"]["torch_dtype"] = dtype;
   ensure_dir(dir);
   write_file_atomic((fs::path(dir) / "config.json").string(), j.dump(2) + "\n");

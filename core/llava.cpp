@@ -113,8 +113,13 @@ SplicedInputs LlavaModelImpl::splice(const torch::Tensor& image_features, const 
                 "Llava: image features must be [", b, ", N, ", text.size(2), "], got ", image_features.sizes());
     TORCH_CHECK(counts.eq(1).all().item<bool>(), "Llava: every row needs exactly one image token (id ",
                 image_token_id, "); counts per row: ", counts);
-    int64_t n = image_features.size(1);
     auto feats = image_features.to(text.scalar_type());
+    if (options.wraps_image()) {  // <im_start> features <im_end>, as the original LLaVA's mm_use_im_start_end
+      auto ids = torch::tensor({options.im_start_id, options.im_end_id}, lopts).view({1, 2});
+      auto se = language_model->embed(ids).to(text.scalar_type()).expand({b, 2, text.size(2)});
+      feats = torch::cat({se.narrow(1, 0, 1), feats, se.narrow(1, 1, 1)}, 1);
+    }
+    int64_t n = feats.size(1);
     auto starts = is_img.to(torch::kLong).argmax(1);
     auto starts_cpu = starts.cpu();
     std::vector<torch::Tensor> rows, masks, labs;

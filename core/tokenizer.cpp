@@ -204,6 +204,8 @@ class SentencePieceTokenizer final : public Tokenizer {
     specials_.add(token, id, source);
   }
 
+  void add_alias(const std::string& token, int64_t id, const std::string& source) { specials_.alias(token, id, source); }
+
   const std::string& path() const { return path_; }
 
  private:
@@ -332,6 +334,9 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& model_dir) {
       tok->add_with_id(e.key(), e->get<int64_t>(), added_path);
     }
   }
+  // The original LLaVA's image placeholder is <im_patch>; emt's prompts write <image>.
+  if (tok->special_token_id("<image>") < 0)
+    if (int64_t patch = tok->special_token_id("<im_patch>"); patch >= 0) tok->add_alias("<image>", patch, added_path);
   return tok;
 }
 

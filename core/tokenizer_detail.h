@@ -33,6 +33,15 @@ class SpecialTokens {
     by_id_[id] = token;
   }
 
+  // A second text for an existing id: encoding maps it to that id, decoding keeps the id's own text.
+  void alias(const std::string& token, int64_t id, const std::string& source) {
+    auto t = by_text_.find(token);
+    if (t != by_text_.end() && t->second != id)
+      throw FormatError("[tokenizer] " + source + ": special token '" + token + "' already has id " +
+                        std::to_string(t->second));
+    by_text_[token] = id;
+  }
+
   int64_t find(const std::string& token) const {
     auto it = by_text_.find(token);
     return it == by_text_.end() ? -1 : it->second;

@@ -185,6 +185,21 @@ TEST_CASE("sentencepiece load and train errors name the path", "[tokenizer]") {
              Contains("corpus.txt"));
 }
 
+TEST_CASE("load_hf_tokenizer: the original LLaVA's <im_patch> stands for <image>", "[tokenizer]") {
+  const std::string dir = emt_test::scratch_dir("tok_llava_v0");
+  fs::copy_file(trained_model(), dir + "/tokenizer.model");
+  spit(dir + "/added_tokens.json", R"({"<im_patch>": 200, "<im_start>": 201, "<im_end>": 202})");
+  auto tok = emt::load_hf_tokenizer(dir);
+  CHECK(tok->special_token_id("<image>") == 200);
+  CHECK(tok->special_token_id("<im_start>") == 201);
+  auto ids = tok->encode("<image>\nWhat is it?", false, false);
+  CHECK(ids.front() == 200);
+  CHECK(tok->decode({200}, false) == "<im_patch>");  // the id keeps its own text
+  // A folder that has its own <image> keeps it.
+  spit(dir + "/added_tokens.json", R"({"<im_patch>": 200, "<image>": 203})");
+  CHECK(emt::load_hf_tokenizer(dir)->special_token_id("<image>") == 203);
+}
+
 TEST_CASE("load_hf_tokenizer honours added token ids", "[tokenizer]") {
   const std::string dir = emt_test::scratch_dir("tok_hf");
   fs::copy_file(trained_model(), dir + "/tokenizer.model");

@@ -26,7 +26,7 @@ BaseModel load_base_model(const RunConfig& cfg) {
     throw IoError("[finetune] model.pretrained: '" + b.dir + "' has no config.json (expected an HF model directory)");
   }
   b.device = resolve_device(cfg.run.device);
-  b.model = load_llava(b.dir, parse_dtype(cfg.run.dtype), b.device);
+  b.model = load_llava(b.dir, parse_dtype(cfg.run.dtype), b.device, cfg.model.vision_tower);
   b.tokenizer = cfg.model.tokenizer.empty() ? std::shared_ptr<Tokenizer>(load_hf_tokenizer(b.dir))
                                             : std::shared_ptr<Tokenizer>(load_sentencepiece(cfg.model.tokenizer));
   int64_t image_id = b.tokenizer->special_token_id("<image>");
@@ -37,6 +37,8 @@ BaseModel load_base_model(const RunConfig& cfg) {
                       std::to_string(image_id));
   b.model->image_token_id = image_id;
   auto pre = fs::path(b.dir) / "preprocessor_config.json";
+  if (!fs::exists(pre) && !cfg.model.vision_tower.empty())  // the original layout: the CLIP folder's preprocessing
+    pre = fs::path(cfg.model.vision_tower) / "preprocessor_config.json";
   b.image = fs::exists(pre) ? load_hf_preprocessor_config(pre.string())
                             : image_options_for_size(b.model->options.vision.image_size);
   b.conversation = cfg.model.conversation;

@@ -128,16 +128,20 @@ def random_llava(cfg, seed):
     has no near-ties) and every norm and bias matters."""
     from transformers import LlavaForConditionalGeneration
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    return randomize_weights(LlavaForConditionalGeneration(cfg))
+
+
+def randomize_weights(module):
+    """Norm weights near 1, biases of 0.1 spread, other weights N(0, 1/fan_in) (lm_head twice that); eval mode."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in module.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) / max(1.0, p.shape[-1] ** 0.5) * (2.0 if "lm_head" in name else 1.0))
-    return model
+    return module.eval()
 
 
 def make_inputs(cfg, seed, path):

@@ -40,6 +40,8 @@ def main():
     models = check_llava.register(report, emt, a.work)
     import check_peft
     check_peft.register(report, emt, a.work, models)
+    import check_llava_v0
+    check_llava_v0.register(report, emt, a.work)
     import check_versions
     for site, with_peft, styles in ((a.old_transformers, True, ("old",)), (a.new_transformers, False, ("old", "new"))):
         if site:

@@ -118,6 +118,7 @@ struct ModelSection {
   std::string conversation = "plain";   // plain | vicuna_v1 | llava_v0
   std::string system_prompt;            // empty = the template's default
   std::string tokenizer;                // tokenizer.model path; empty = from `pretrained` or the tiny recipe
+  std::string vision_tower;             // CLIP folder for checkpoints without the tower (original LLaVA layout)
   VisionConfig vision;
   ClipTextConfig clip_text;
   LlmConfig llm;
@@ -128,6 +129,9 @@ struct ModelSection {
     v("conversation", conversation, "prompt template: plain | vicuna_v1 | llava_v0");
     v("system_prompt", system_prompt, "system text; empty = the template's default");
     v("tokenizer", tokenizer, "SentencePiece tokenizer.model; empty = from model.pretrained or the tiny recipe");
+    v("vision_tower", vision_tower,
+      "CLIP model directory for an original-layout LLaVA checkpoint, which holds no tower (config.json names it in "
+      "mm_vision_tower); empty = mm_vision_tower when that is a local directory");
     v("vision", vision, "CLIP vision tower shape");
     v("clip_text", clip_text, "CLIP text tower shape");
     v("llm", llm, "language model shape");

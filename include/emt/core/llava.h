@@ -20,7 +20,13 @@ struct LlavaOptions {
   std::string select_feature = "patch";  // patch (drop CLS) | cls_patch
   int64_t image_token_id = -1;
   std::string conversation = "plain";    // prompt template the weights were trained with (kept in config.json)
-  int64_t num_image_tokens() const { return vision.num_patches() + (select_feature == "cls_patch" ? 1 : 0); }
+  // The original LLaVA's mm_use_im_start_end: the image embeddings are wrapped in the embeddings of these two
+  // tokens (<im_start>, <im_end>; -1 = not wrapped).
+  int64_t im_start_id = -1, im_end_id = -1;
+  bool wraps_image() const { return im_start_id >= 0 && im_end_id >= 0; }
+  int64_t num_image_tokens() const {
+    return vision.num_patches() + (select_feature == "cls_patch" ? 1 : 0) + (wraps_image() ? 2 : 0);
+  }
 };
 LlavaOptions llava_options(const ModelSection& m, int64_t image_token_id);  // ConfigError on bad shapes
 
@@ -35,7 +41,8 @@ struct SplicedInputs {
   torch::Tensor embeds;          // [B, T', D]
   torch::Tensor attention_mask;  // [B, T'] int64
   torch::Tensor labels;          // [B, T'] or undefined
-  torch::Tensor image_starts;    // [B] int64: first image-embedding slot of each row (-1 without images)
+  torch::Tensor image_starts;    // [B] int64: first image-embedding slot of each row (-1 without images; with
+                                 // im_start/im_end wrapping, the <im_start> slot)
 };
 
 struct LlavaModelImpl : torch::nn::Module {
@@ -80,12 +87,16 @@ torch::Tensor answer_logprobs(const torch::Tensor& logits, const torch::Tensor& 
 // A randomly initialised model with the shapes of `m` (the tiny base model starts here).
 LlavaModel build_llava(const ModelSection& m, int64_t image_token_id);
 // Shapes of an HF model directory's config.json (llava, llama or clip) as a ModelSection (pretrained = dir).
-ModelSection model_section_from_hf(const std::string& dir);
-// Loads an HF LLaVA directory (config.json + model.safetensors or sharded index; old or new llava-hf keys, or the
-// original `model.mm_projector.{0,2}` projector keys), converting to `dtype`. Strict: missing, unexpected and
-// mis-shaped tensors are all reported by name in one FormatError. image_token_id comes from config.json.
+// A checkpoint in the original LLaVA layout (no vision/text sub-configs; the CLIP tower named by mm_vision_tower)
+// takes the tower's shapes from `vision_tower` (a local CLIP folder), or from mm_vision_tower when that is one.
+ModelSection model_section_from_hf(const std::string& dir, const std::string& vision_tower = "");
+// Loads a LLaVA directory, converting to `dtype`: the llava-hf layouts (old or new keys) and the original LLaVA
+// layout (`model.layers.*`, `model.mm_projector.*`, `lm_head.*`; the CLIP tower from `vision_tower` or
+// mm_vision_tower unless the checkpoint holds `model.vision_tower.*`; mm_use_im_start_end wraps the image in the
+// <im_start>/<im_end> embeddings). Safetensors only (docs/reproducing-emt.md converts .bin shards). Strict:
+// missing, unexpected and mis-shaped tensors are all reported by name in one FormatError.
 LlavaModel load_llava(const std::string& hf_dir, torch::ScalarType dtype = torch::kFloat32,
-                      torch::Device device = torch::kCPU);
+                      torch::Device device = torch::kCPU, const std::string& vision_tower = "");
 // Writes config.json (HF LlavaConfig layout) and safetensors (sharded above max_shard_bytes) with keys in
 // `key_style` "old" (language_model.model.*) or "new" (model.language_model.*). LoRA children are not part of a
 // base checkpoint and are skipped: merge them first to bake them in.
