@@ -9,7 +9,10 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -266,6 +269,41 @@ std::vector<std::string> set_generator_states(const std::vector<std::pair<std::s
     gen.set_state(state);
   }
   return unmatched;
+}
+
+namespace {
+std::atomic<int> g_preempt{0};
+std::atomic<int> g_scopes{0};
+struct sigaction g_old_term {}, g_old_usr1 {};
+extern "C" void on_preempt_signal(int sig) { g_preempt = sig; }
+}  // namespace
+
+PreemptionScope::PreemptionScope(bool on) : on_(on) {
+  if (!on_ || g_scopes++ > 0) return;
+  struct sigaction sa {};
+  sa.sa_handler = on_preempt_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, &g_old_term);
+  sigaction(SIGUSR1, &sa, &g_old_usr1);
+}
+
+PreemptionScope::~PreemptionScope() {
+  if (!on_ || --g_scopes > 0) return;
+  sigaction(SIGTERM, &g_old_term, nullptr);
+  sigaction(SIGUSR1, &g_old_usr1, nullptr);
+}
+
+int pending_preemption() { return g_preempt.load(); }
+int take_preemption() { return g_preempt.exchange(0); }
+
+void throw_if_preempted(const std::string& where) {
+  if (int sig = take_preemption())
+    throw Preempted("received signal " + std::to_string(sig) + ": " + where);
+}
+
+void fault_point(const char* phase) {
+  static const char* spec = std::getenv("EMT_FAULT_SIGNAL_AT");
+  if (spec && std::strcmp(spec, phase) == 0) ::kill(::getpid(), SIGUSR1);
 }
 
 }  // namespace emt

@@ -57,12 +57,17 @@ class Study {
 
   StudySummary run() {
     auto t0 = std::chrono::steady_clock::now();
+    // A preemption notice at any point ends the study at the next safe point with exit 75: after the phase in
+    // progress has written what it computed (the base model, result rows, an epoch checkpoint), never halfway.
+    PreemptionScope preemption(true);
     fs::create_directories(run_dir_);
     write_file_atomic(run_dir_ + "/config.yaml", config_to_yaml(cfg_));
     if (cfg_.model.pretrained.empty()) {
+      fault_point("pretrain");
       PretrainOptions po;
       po.progress = opts_.progress;
       build_base_model(cfg_, po);
+      preempted_check("the base model is built");
     }
     done_ = done_keys(results_path_);
     writer_ = std::make_unique<JsonlWriter>(results_path_);
@@ -71,14 +76,20 @@ class Study {
     for (const auto& d : evaluator_->datasets()) log_info("[study] eval dataset {}: {} test images", d, evaluator_->dataset(d)->size());
 
     clip_baseline();
+    preempted_check("the CLIP baseline rows are written");
     // epoch 0: the base model
     if (cfg_.study.eval_base && !epoch_done("", "base", 0, 0)) {
+      fault_point("base");
       BaseModel base = load_base_model(cfg_);
       score(base, "", "base", 0, 0, run_dir_ + "/predictions/base");
+      preempted_check("the base model's rows are written");
     }
     for (const auto& ft : cfg_.study.finetune_datasets)
       for (const auto& method : cfg_.study.methods)
-        for (int64_t seed : cfg_.study.seeds) cell(ft, method, seed);
+        for (int64_t seed : cfg_.study.seeds) {
+          cell(ft, method, seed);
+          preempted_check("cell " + study_cell_name(ft, method, seed) + " is complete");
+        }
 
     StudySummary s;
     s.run_dir = run_dir_;
@@ -90,18 +101,24 @@ class Study {
     auto loaded = load_results({run_dir_});
     s.matrix = format_matrix(loaded.rows, cfg_.eval.primary_scorer);
     if (opts_.report) {
+      fault_point("report");
       ReportOptions ro;
       ro.out_dir = run_dir_ + "/report";
       ro.scorer = cfg_.eval.primary_scorer;
       ro.title = "EMT forgetting study: " + cfg_.run.name;
       s.report_html = write_report(loaded, ro).html;
     }
+    preempted_check("every result row and the report are written");
     s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return s;
   }
 
  private:
   std::vector<std::string> scorers() const { return evaluator_->scorers(); }
+
+  static void preempted_check(const std::string& done) {
+    throw_if_preempted("[study] " + done + "; rerun the same command to continue");
+  }
 
   bool epoch_done(const std::string& ft, const std::string& method, int64_t seed, int64_t epoch) const {
     for (const auto& d : evaluator_->datasets())
@@ -135,6 +152,7 @@ class Study {
     const auto sc = scorers();
     if (std::find(sc.begin(), sc.end(), "clip") != sc.end()) evaluator_->set_clip(clip, tok);
     if (all) return;
+    fault_point("clip");
     ImageProcessorOptions image = fs::exists(fs::path(dir) / "preprocessor_config.json")
                                       ? load_hf_preprocessor_config(dir + "/preprocessor_config.json")
                                       : image_options_for_size(clip->options.vision.image_size);
@@ -199,6 +217,7 @@ class Study {
       b.model->eval();
       score(b, ft, method, seed, e, pred_root + "/epoch_" + std::to_string(e));
       ++recovered_;
+      preempted_check("epoch " + std::to_string(e) + " of cell " + name + " is scored");
     }
     all = true;
     for (int64_t e = 1; e <= epochs; ++e) all = all && epoch_done(ft, method, seed, e);
@@ -211,10 +230,15 @@ class Study {
     fo.resume = true;
     fo.progress = opts_.progress;
     fo.on_epoch = [&](const EpochEnd& ee) {
-      if (epoch_done(ft, method, seed, ee.epoch)) return;
-      score(base, ft, method, seed, ee.epoch, pred_root + "/epoch_" + std::to_string(ee.epoch));
+      if (!epoch_done(ft, method, seed, ee.epoch)) {
+        fault_point("epoch_score");
+        score(base, ft, method, seed, ee.epoch, pred_root + "/epoch_" + std::to_string(ee.epoch));
+      }
+      // The epoch's checkpoint is committed before this callback: stopping here loses nothing.
+      preempted_check("epoch " + std::to_string(ee.epoch) + " of cell " + name + " is checkpointed and scored");
     };
     log_info("[study] cell {}: {} on {} for {} epochs (lr {})", name, method, ft, epochs, c.finetune.learning_rate);
+    fault_point("train");
     finetune(base, c, fo);
     ++cells_trained_;
     // Fault injection for the resume test: EMT_FAULT_AFTER_CELLS=N kills (-9) the study after N trained cells.

@@ -188,3 +188,46 @@ TEST_CASE("e2e: a study killed between cells resumes without recomputing or losi
   }
   CHECK(fs::exists(w.dir + "/runs/study/report/report.html"));
 }
+
+namespace {
+// Every result row of a study by its identity, with what was measured (n, correct, accuracy).
+std::map<std::string, std::string> result_rows(const std::string& run_dir) {
+  std::map<std::string, std::string> rows;
+  std::ifstream in(run_dir + "/results.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    std::string key = j["kind"].get<std::string>() + "|" + j["finetune_dataset"].get<std::string>() + "|" +
+                      j["method"].get<std::string>() + "|" + std::to_string(j["seed"].get<int>()) + "|" +
+                      std::to_string(j["epoch"].get<int>()) + "|" + j["eval_dataset"].get<std::string>() + "|" +
+                      j["scorer"].get<std::string>();
+    CHECK(rows.count(key) == 0);  // every row exactly once
+    rows[key] = nlohmann::json{{"n", j["n"]}, {"correct", j["n_correct"]}, {"acc", j["accuracy"]}}.dump();
+  }
+  return rows;
+}
+}  // namespace
+
+TEST_CASE("e2e: a preemption notice in any phase of a study exits 75 and the rerun gives the uninterrupted results",
+          "[e2e][slow]") {
+  const auto& w = tiny_world();
+  const std::string grid = " study.finetune_datasets=[quad] study.methods=[lora] eval.clip_baseline=true";
+  auto ref = emt_test::run_cli("study " + w.config + grid + " run.name=pre_ref");
+  INFO(ref.output);
+  REQUIRE(ref.code == 0);
+  const auto want = result_rows(w.dir + "/runs/pre_ref");
+  REQUIRE(want.size() >= 3 * 2);  // base + 2 epochs, 2 datasets (+ the CLIP baseline when a CLIP model exists)
+  for (const char* phase : {"pretrain", "clip", "base", "train", "epoch_score", "report"}) {
+    const std::string name = std::string("pre_") + phase;
+    auto a = emt_test::run_cli_env(std::string("EMT_FAULT_SIGNAL_AT=") + phase, "study " + w.config + grid +
+                                                                                    " run.name=" + name);
+    INFO(phase << ":\n" << a.output);
+    CHECK(a.code == 75);
+    CHECK_THAT(a.output, Catch::Contains("preempted") && Catch::Contains("received signal"));
+    auto b = emt_test::run_cli("study " + w.config + grid + " run.name=" + name);
+    INFO(b.output);
+    REQUIRE(b.code == 0);
+    CHECK(result_rows(w.dir + "/runs/" + name) == want);
+    CHECK(fs::exists(w.dir + "/runs/" + name + "/report/report.html"));
+  }
+}

@@ -27,28 +27,6 @@ using json = nlohmann::json;
 
 namespace {
 
-std::atomic<int> g_signal{0};
-extern "C" void on_preempt_signal(int sig) { g_signal = sig; }
-
-struct SignalGuard {
-  struct sigaction old_term {}, old_usr1 {};
-  bool active = false;
-  explicit SignalGuard(bool on) : active(on) {
-    if (!active) return;
-    g_signal = 0;
-    struct sigaction sa {};
-    sa.sa_handler = on_preempt_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, &old_term);
-    sigaction(SIGUSR1, &sa, &old_usr1);
-  }
-  ~SignalGuard() {
-    if (!active) return;
-    sigaction(SIGTERM, &old_term, nullptr);
-    sigaction(SIGUSR1, &old_usr1, nullptr);
-  }
-};
-
 class LoaderSource : public BatchSource {
  public:
   explicit LoaderSource(DataLoader& l) : l_(l) {}
@@ -370,7 +348,7 @@ TrainSummary Trainer::fit() {
   Loop run;
   plan(run);
   open_run_dir(run);
-  SignalGuard signals(opts_.handle_signals);
+  PreemptionScope signals(opts_.handle_signals);
   for (auto& g : groups_) {
     for (auto& p : g.params) run.params.push_back(p);
     run.base_lr.push_back(g.lr);
@@ -585,17 +563,14 @@ void Trainer::log_step(Loop& run, double mean_loss, double grad_norm, bool epoch
 // Preempted, exit code 75 at the CLI).
 void Trainer::checkpoint_or_preempt(Loop& run, bool more_in_epoch) {
   maybe_inject_fault(run.st.step);
-  const bool preempt = g_signal.load() != 0;
+  const bool preempt = opts_.handle_signals && pending_preemption() != 0;
   const bool step_ck =
       opts_.checkpoint_every_steps > 0 && run.st.step % opts_.checkpoint_every_steps == 0 && more_in_epoch;
   if (!preempt && !(step_ck && !opts_.run_dir.empty())) return;
   save_checkpoint("step_last", run.st);
-  if (preempt) {
-    int sig = g_signal.exchange(0);
-    throw Preempted(fmt::format("[trainer] received signal {} at step {}: checkpoint written to {}/step_last; "
-                                "rerun with --resume",
-                                sig, run.st.step, opts_.run_dir));
-  }
+  if (preempt)
+    throw_if_preempted(fmt::format("[trainer] step {} finished, checkpoint written to {}/step_last; rerun with "
+                                   "--resume (emt study: rerun the same command)", run.st.step, opts_.run_dir));
 }
 
 // The epoch's checkpoint (its state already pointing at the next epoch), pruning, then the callbacks (the

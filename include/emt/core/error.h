@@ -29,4 +29,11 @@ class FormatError : public Error {
   using Error::Error;
 };
 
+// Thrown at a safe point after a SIGTERM/SIGUSR1 (a preemption notice) once everything done so far is on disk
+// (a checkpoint, finished result rows); `emt` exits 75 and a rerun continues from there.
+class Preempted : public Error {
+ public:
+  using Error::Error;
+};
+
 }  // namespace emt

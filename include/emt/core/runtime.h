@@ -58,6 +58,27 @@ std::vector<std::pair<std::string, torch::Tensor>> generator_states();
 // the returned list (the caller warns: dropout on those devices will not continue exactly).
 std::vector<std::string> set_generator_states(const std::vector<std::pair<std::string, torch::Tensor>>& states);
 
+// Preemption notices (SIGTERM, SIGUSR1: Slurm's --signal, a scheduler's kill). While a PreemptionScope is alive
+// they set a flag instead of ending the process; long work checks it at safe points (after an optimizer step and
+// its checkpoint, after a phase's results are written) and throws Preempted (emt exits 75). Scopes nest: the
+// outermost installs the handlers and restores the previous ones; a notice stays pending until taken.
+class PreemptionScope {
+ public:
+  explicit PreemptionScope(bool on = true);
+  ~PreemptionScope();
+  PreemptionScope(const PreemptionScope&) = delete;
+  PreemptionScope& operator=(const PreemptionScope&) = delete;
+
+ private:
+  bool on_;
+};
+int pending_preemption();  // the signal number of a pending notice, or 0
+int take_preemption();     // the same, and clears it
+// Throws Preempted naming `where` (what is safely on disk, how to continue) when a notice is pending.
+void throw_if_preempted(const std::string& where);
+// Test hook: EMT_FAULT_SIGNAL_AT=<phase> makes fault_point(phase) send this process SIGUSR1.
+void fault_point(const char* phase);
+
 // Writes bytes to `path` through a temporary file in the same directory + fsync + rename, so readers only ever
 // see the old or the new content. Throws IoError naming the path (disk full, permission, ...).
 void write_file_atomic(const std::string& path, const std::string& bytes);

@@ -23,12 +23,6 @@ class Optimizer;
 
 namespace emt {
 
-// Thrown after a SIGTERM/SIGUSR1 once the current step finished and a checkpoint was written; `emt` exits 75.
-class Preempted : public Error {
- public:
-  using Error::Error;
-};
-
 struct StepLoss {
   torch::Tensor loss;    // scalar, mean over the micro-batch
   int64_t samples = 0;
