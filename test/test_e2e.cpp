@@ -1,6 +1,9 @@
 // End to end through the `emt` executable on a tiny world written by the test (IDX data, tiny shapes):
 // pretrain -> train; kill -9 mid-epoch + --resume reproduces the straight run's losses bit for bit; SIGTERM
-// checkpoints and exits 75; a study killed between cells resumes without recomputing or losing a cell.
+// checkpoints and exits 75; a study killed between cells resumes without recomputing or losing a cell; a
+// preemption notice in any phase of a study; sweeps of studies run locally.
+#include <emt/core/error.h>
+#include <emt/eval/sweep.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -12,6 +15,7 @@
 #include <set>
 #include <vector>
 
+#include "expect_error.h"
 #include "helpers.h"
 
 namespace fs = std::filesystem;
@@ -230,4 +234,87 @@ TEST_CASE("e2e: a preemption notice in any phase of a study exits 75 and the rer
     CHECK(result_rows(w.dir + "/runs/" + name) == want);
     CHECK(fs::exists(w.dir + "/runs/" + name + "/report/report.html"));
   }
+}
+
+TEST_CASE("sweep: array specs collapse runs of indices", "[sweep]") {
+  CHECK(emt::slurm_array_spec({0, 1, 2, 3}) == "0-3");
+  CHECK(emt::slurm_array_spec({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8");
+  CHECK(emt::slurm_array_spec({4}) == "4");
+}
+
+TEST_CASE("sweep: a grid becomes deterministic tasks; local runs them K at a time, one report, reruns skip them",
+          "[e2e][slow]") {
+  const auto& w = tiny_world();
+  const std::string file = w.dir + "/sweep.yaml";
+  std::ofstream(file) << "sweep:\n  name: seeds\n  config: tiny.yaml\n  out_dir: " << w.dir << "/runs/sweeps\n"
+                      << "  overrides: ['study.finetune_datasets=[quad]', 'study.methods=[lora]', study.epochs=1]\n"
+                      << "  grid:\n    run.seed: [0, 1]\n    eval.batch_size: [8]\n  parallel: 2\n"
+                      << "slurm: {gpus: 2, time: '02:00:00', extra: ['--qos=short']}\n";
+  auto s = emt::load_sweep(file);
+  REQUIRE(s.tasks.size() == 2);
+  CHECK(s.tasks[0].name == "t000_seed=0_batch_size=8");
+  CHECK(s.tasks[1].name == "t001_seed=1_batch_size=8");
+  CHECK(s.tasks[1].run_dir == w.dir + "/runs/sweeps/seeds/t001_seed=1_batch_size=8");
+  CHECK(s.config == w.dir + "/tiny.yaml");
+
+  auto p = emt_test::run_cli("sweep " + file + " --backend print");
+  INFO(p.output);
+  REQUIRE(p.code == 0);
+  for (const char* want : {"#SBATCH --array=0-1%2", "#SBATCH --gres=gpu:2", "#SBATCH --signal=B:USR1@120",
+                           "#SBATCH --requeue", "#SBATCH --qos=short", "#SBATCH --time=02:00:00", "--run-task",
+                           "scontrol requeue", "--report-only", "run.seed=1"})
+    CHECK_THAT(p.output, Catch::Contains(want));
+
+  auto r = emt_test::run_cli("sweep " + file + " --backend local");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK_THAT(r.output, Catch::Contains("2 tasks finished, 0 failed"));
+  for (const auto& t : s.tasks) {
+    INFO(t.name);
+    CHECK(emt::sweep_task_finished(t));
+    CHECK(result_rows(t.run_dir).size() == 3 * 2);  // the CLIP baseline, base and one epoch; two datasets
+  }
+  CHECK(fs::exists(w.dir + "/runs/sweeps/seeds/report/report.html"));
+  auto again = emt_test::run_cli("sweep " + file + " --backend local");
+  INFO(again.output);
+  CHECK(again.code == 0);
+  CHECK_THAT(again.output, Catch::Contains("2 already finished") && Catch::Contains("0 tasks finished"));
+  // Without sbatch the scripts are still written (for the unfinished tasks only) and the error says what is
+  // missing; with every task finished there is nothing to submit.
+  CHECK(emt_test::run_cli_env("PATH=/nonexistent", "sweep " + file + " --backend slurm").code == 0);
+  fs::remove(s.tasks[1].run_dir + "/sweep_task.json");
+  auto sl = emt_test::run_cli_env("PATH=/nonexistent", "sweep " + file + " --backend slurm");
+  INFO(sl.output);
+  CHECK(sl.code == 1);
+  CHECK_THAT(sl.output, Catch::Contains("sbatch is not on PATH"));
+  std::ifstream script(w.dir + "/runs/sweeps/seeds/sweep_array.sbatch");
+  std::string text((std::istreambuf_iterator<char>(script)), std::istreambuf_iterator<char>());
+  CHECK_THAT(text, Catch::Contains("#SBATCH --array=1%2"));
+}
+
+TEST_CASE("sweep: mistakes in a sweep file are named before anything runs", "[sweep]") {
+  const std::string dir = emt_test::scratch_dir("sweep_errors");
+  std::ofstream(dir + "/base.yaml") << "run: {name: x}\n";
+  auto write = [&](const std::string& text) {
+    std::ofstream(dir + "/s.yaml") << text;
+    return dir + "/s.yaml";
+  };
+  CHECK_THAT(emt_test::error_of<emt::ConfigError>([&] {
+               emt::load_sweep(write("sweep: {name: a, config: base.yaml, gird: {run.seed: [0]}}\n"));
+             }),
+             Catch::Contains("sweep.gird") && Catch::Contains("unknown key"));
+  CHECK_THAT(emt_test::error_of<emt::ConfigError>([&] {
+               emt::load_sweep(write("sweep: {name: a, config: base.yaml, grid: {finetune.lerning_rate: [1]}}\n"));
+             }),
+             Catch::Contains("t000") && Catch::Contains("lerning_rate"));
+  CHECK_THAT(emt_test::error_of<emt::ConfigError>([&] {
+               emt::load_sweep(write("sweep: {name: a, config: base.yaml, grid: {run.seed: []}}\n"));
+             }),
+             Catch::Contains("sweep.grid.run.seed") && Catch::Contains("non-empty list"));
+  CHECK_THAT(emt_test::error_of<emt::ConfigError>([&] { emt::load_sweep(write("sweep: {name: 'a b', config: x}\n")); }),
+             Catch::Contains("file-name safe"));
+  CHECK_THAT(emt_test::error_of<emt::ConfigError>([&] {
+               emt::load_sweep(write("sweep: {name: a, config: base.yaml, command: eval}\n"));
+             }),
+             Catch::Contains("study or train"));
 }
