@@ -218,7 +218,8 @@ std::string sweep_array_script(const Sweep& s, const std::vector<int64_t>& indic
   o << "#SBATCH --array=" << slurm_array_spec(indices) << "%" << s.parallel << "\n";
   if (s.slurm.gpus > 0) o << "#SBATCH --gres=gpu:" << s.slurm.gpus << "\n";
   o << "#SBATCH --signal=B:USR1@" << s.slurm.signal_seconds << "\n"
-    << "#SBATCH --requeue\n";
+    << "#SBATCH --requeue\n"
+    << "#SBATCH --open-mode=append\n";  // a requeued task appends to its log
   for (const auto& e : s.slurm.extra) o << "#SBATCH " << e << "\n";
   o << "# Written by emt sweep for " << s.file << ": one array task per unfinished grid point.\n"
     << "# A preemption notice (USR1) reaches emt, which checkpoints and exits 75; the task then requeues itself.\n"

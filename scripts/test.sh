@@ -3,7 +3,8 @@
 # Python references (.venv, from PyPI) and every test again against the wheel's LibTorch 2.x (build-torch2/);
 # the interop checks against transformers / peft / safetensors / tokenizers / the real CLIP tokenizer; then the
 # fast tests under AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/, Debug) and each libFuzzer target
-# for EMT_FUZZ_SECONDS (default 20). EMT_TEST_TORCH2=0, EMT_TEST_INTEROP=0, EMT_TEST_SANITIZE=0 and
+# for EMT_FUZZ_SECONDS (default 20). After the first suite, sweeps run on a real one-node Slurm cluster
+# (scripts/slurm-test.sh). EMT_TEST_SLURM=0, EMT_TEST_TORCH2=0, EMT_TEST_INTEROP=0, EMT_TEST_SANITIZE=0 and
 # EMT_TEST_FUZZ=0 skip a stage (local iteration); CI runs them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,12 @@ wait_venv() {
 }
 bash scripts/build.sh
 (cd build && ctest --output-on-failure -j "${EMT_TEST_JOBS:-2}" ${EMT_CTEST_ARGS:-})
+if [ "${EMT_TEST_SLURM:-1}" = "1" ]; then
+  echo "[test] sweeps on a real one-node Slurm cluster (slurm-wlm, munge; as root)"
+  bash scripts/slurm-test.sh
+else
+  echo "[test] Slurm stage skipped (EMT_TEST_SLURM=0)"
+fi
 if [ "${EMT_TEST_TORCH2:-1}" = "1" ]; then
   echo "[test] the same suite against LibTorch 2.x (the pinned PyTorch wheel's LibTorch, build-torch2/)"
   wait_venv

@@ -7,7 +7,10 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <thread>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -317,4 +320,106 @@ TEST_CASE("sweep: mistakes in a sweep file are named before anything runs", "[sw
                emt::load_sweep(write("sweep: {name: a, config: base.yaml, command: eval}\n"));
              }),
              Catch::Contains("study or train"));
+}
+
+namespace {
+std::string shell(const std::string& cmd) {
+  std::string out;
+  if (FILE* p = ::popen((cmd + " 2>&1").c_str(), "r")) {
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, p)) out += buf;
+    ::pclose(p);
+  }
+  return out;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Waits up to `seconds` for `done`; false on timeout.
+template <class F>
+bool wait_for(F done, int seconds) {
+  for (int i = 0; i < seconds * 2; ++i) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  return done();
+}
+
+std::string write_slurm_sweep(const std::string& dir, const std::string& name, const std::string& grid,
+                              const std::string& extra_overrides) {
+  const std::string file = dir + "/" + name + ".yaml";
+  std::ofstream(file) << "sweep:\n  name: " << name << "\n  config: tiny.yaml\n  out_dir: " << dir << "/runs/slurm\n"
+                      << "  overrides: ['study.finetune_datasets=[quad]', run.threads=1" << extra_overrides << "]\n"
+                      << "  grid:\n" << grid << "  parallel: 4\n"
+                      << "slurm: {gpus: 0, cpus_per_task: 1, time: '00:15:00'}\n";
+  return file;
+}
+
+struct Submitted {
+  emt::Sweep sweep;
+  std::string output;
+};
+
+// Writes a sweep of the tiny world and submits it with `emt sweep --backend slurm` (the cluster must be up).
+Submitted submit_slurm_sweep(const std::string& name, const std::string& grid, const std::string& overrides,
+                             size_t tasks) {
+  REQUIRE_THAT(shell("sinfo -h -o %t"), Catch::Contains("idle") || Catch::Contains("mix"));
+  const auto& w = tiny_world();
+  const auto file = write_slurm_sweep(w.dir, name, grid, overrides);
+  Submitted out{emt::load_sweep(file), ""};
+  REQUIRE(out.sweep.tasks.size() == tasks);
+  auto r = emt_test::run_cli("sweep " + file + " --backend slurm");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  REQUIRE_THAT(r.output, Catch::Contains("submitted array job"));
+  out.output = r.output;
+  return out;
+}
+}  // namespace
+
+// Hidden ([.slurm]): needs the one-node cluster of scripts/slurm-local.sh (scripts/slurm-test.sh runs it), and
+// fails, never skips, when that cluster is not there.
+TEST_CASE("slurm: a 4-task sweep runs as a real job array with its dependent report job", "[.slurm]") {
+  auto sub = submit_slurm_sweep("array", "    study.seeds: [[0], [1]]\n    study.methods: [[linear], [lora]]\n",
+                                ", study.epochs=1", 4);
+  const auto& s = sub.sweep;
+  CHECK_THAT(sub.output, Catch::Contains("--array=0-3%4"));
+  const std::string report = s.root() + "/report/report.html";
+  const bool done = wait_for([&] { return fs::exists(report); }, 300);
+  INFO(shell("squeue; cat " + s.root() + "/slurm-*.out"));
+  REQUIRE(done);
+  for (const auto& t : s.tasks) {
+    INFO(t.name << "\n" << read_text(t.run_dir + "/sweep.log"));
+    CHECK(emt::sweep_task_finished(t));
+    CHECK(result_rows(t.run_dir).size() == 3 * 2);
+  }
+  CHECK_THAT(read_text(report), Catch::Contains("quad"));
+  // Re-submitting a finished sweep submits nothing.
+  auto again = emt_test::run_cli("sweep " + s.file + " --backend slurm");
+  CHECK_THAT(again.output, Catch::Contains("4 already finished"));
+  CHECK_THAT(again.output, !Catch::Contains("submitted"));
+}
+
+TEST_CASE("slurm: a preempted array task requeues itself and resumes from its checkpoint", "[.slurm]") {
+  auto sub = submit_slurm_sweep("preempt", "    study.seeds: [[3]]\n",
+                                ", 'study.methods=[lora]', study.epochs=60, run.log_level=info", 1);
+  const auto& s = sub.sweep;
+  const auto pos = sub.output.find("submitted array job ") + 20;
+  const std::string job = sub.output.substr(pos, sub.output.find(' ', pos) - pos);
+  const std::string cell = s.tasks[0].run_dir + "/cells/quad__lora__seed3";
+  // Once the task has checkpointed an epoch, send the notice Slurm sends before preemption.
+  REQUIRE(wait_for([&] { return fs::exists(cell + "/epoch_2"); }, 240));
+  shell("scancel --batch --signal=USR1 " + job + "_0");
+  const bool done = wait_for([&] { return fs::exists(s.root() + "/report/report.html"); }, 300);
+  const std::string log = read_text(s.tasks[0].run_dir + "/sweep.log");
+  INFO(log << "\n" << shell("cat " + s.root() + "/slurm-*.out"));
+  REQUIRE(done);
+  CHECK(emt::sweep_task_finished(s.tasks[0]));
+  CHECK_THAT(log, Catch::Contains("preempted"));
+  CHECK_THAT(log, Catch::Contains("[trainer] resumed from"));
+  CHECK_THAT(read_text(s.root() + "/slurm-" + job + "_0.out"), Catch::Contains("requeueing"));
+  CHECK(result_rows(s.tasks[0].run_dir).size() == (2 + 60) * 2);  // CLIP, base, 60 epochs; two datasets
 }
