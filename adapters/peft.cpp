@@ -28,10 +28,6 @@ bool under(const std::string& path, const std::string& root) {
                           path[root.size()] == '.');
 }
 
-std::string replace_root(const std::string& path, const std::string& from, const std::string& to) {
-  return to + path.substr(from.size());
-}
-
 std::string shape_str(at::IntArrayRef s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
