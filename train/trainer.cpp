@@ -482,11 +482,11 @@ double Trainer::optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t
     if (p.grad().defined()) parts.push_back(p.grad().detach().to(torch::kFloat32).pow(2).sum().reshape({1}));
   auto host = torch::cat(parts).cpu();  // the step's one sync
   auto h = host.accessor<float, 1>();
-  double norm_sq = 0.0;
+  float norm_sq = 0.0f;  // summed in fp32 in parameter order, as the per-parameter reduction always was
   for (int64_t i = 1; i < host.size(0); ++i) norm_sq += h[i];
   const double scale = scaler_ ? scaler_->scale() : 1.0;
   const double mean_loss = static_cast<double>(h[0]) / static_cast<double>(micro);
-  const double grad_norm = std::sqrt(norm_sq) / scale;
+  const double grad_norm = std::sqrt(static_cast<double>(norm_sq)) / scale;
   run.summary.last_step_loss = mean_loss;
   const bool loss_ok = std::isfinite(mean_loss), grad_ok = std::isfinite(grad_norm);
   if (loss_ok && !grad_ok && scaler_ && !(scaler_->update(false), scaler_->exhausted())) {
