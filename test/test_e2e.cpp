@@ -215,6 +215,21 @@ std::map<std::string, std::string> result_rows(const std::string& run_dir) {
 }
 }  // namespace
 
+TEST_CASE("e2e: a preemption notice during pretraining exits 75 and leaves no partial base model", "[e2e][slow]") {
+  const auto& w = tiny_world();
+  const std::string cache = w.dir + "/base-preempted";
+  auto a = emt_test::run_cli_env("EMT_FAULT_AT_STEP=2:USR1", "pretrain " + w.config + " pretrain.cache_dir=" + cache);
+  INFO(a.output);
+  CHECK(a.code == 75);
+  CHECK_THAT(a.output, Catch::Contains("not written"));
+  CHECK_FALSE(fs::exists(cache));
+  for (const auto& e : fs::directory_iterator(w.dir)) CHECK(e.path().filename().string().rfind("base-preempted.tmp", 0) != 0);
+  auto b = emt_test::run_cli("pretrain " + w.config + " pretrain.cache_dir=" + cache);
+  INFO(b.output);
+  CHECK(b.code == 0);
+  CHECK(fs::exists(cache + "/config.json"));
+}
+
 TEST_CASE("e2e: a preemption notice in any phase of a study exits 75 and the rerun gives the uninterrupted results",
           "[e2e][slow]") {
   const auto& w = tiny_world();

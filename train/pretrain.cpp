@@ -193,7 +193,7 @@ TrainerOptions stage_options(const RunConfig& cfg, const std::string& label, int
   o.max_grad_norm = 1.0;
   o.device = dev;
   o.label = label;
-  o.handle_signals = false;
+  o.handle_signals = true;  // a preemption notice stops pretraining at the next step (it starts over on a rerun)
   o.log_every_steps = 50;
   return o;
 }
@@ -492,12 +492,17 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
   std::shared_ptr<Tokenizer> tok = train_tokenizer(cfg, srcs, instructions, staging);
   TinyModels m = build_models(cfg, *tok, dev);
   const auto image = image_options_for_size(m.shapes.vision.image_size);
-  if (cfg.pretrain.clip_steps > 0) stage_clip(cfg, m, srcs, tok, image, dev);
-  if (cfg.pretrain.align_steps > 0)
-    stage_language(cfg, m, captions, tok, image, "pretrain/align", "linear", cfg.pretrain.align_steps, dev);
-  if (cfg.pretrain.instruct_steps > 0)
-    stage_language(cfg, m, instructions, tok, image, "pretrain/instruct", "vision=frozen,projector=full,llm=full",
-                   cfg.pretrain.instruct_steps, dev);
+  try {
+    if (cfg.pretrain.clip_steps > 0) stage_clip(cfg, m, srcs, tok, image, dev);
+    if (cfg.pretrain.align_steps > 0)
+      stage_language(cfg, m, captions, tok, image, "pretrain/align", "linear", cfg.pretrain.align_steps, dev);
+    if (cfg.pretrain.instruct_steps > 0)
+      stage_language(cfg, m, instructions, tok, image, "pretrain/instruct", "vision=frozen,projector=full,llm=full",
+                     cfg.pretrain.instruct_steps, dev);
+  } catch (const Preempted& e) {
+    fs::remove_all(staging, ec);  // the stages are not resumable: the cache stays as it was
+    throw Preempted(std::string(e.what()) + "; the base model was not written and is rebuilt on the rerun");
+  }
   for (auto& p : m.llava->parameters()) p.set_requires_grad(false);
   m.llava->eval();
   m.clip->eval();

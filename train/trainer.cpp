@@ -568,6 +568,9 @@ void Trainer::checkpoint_or_preempt(Loop& run, bool more_in_epoch) {
       opts_.checkpoint_every_steps > 0 && run.st.step % opts_.checkpoint_every_steps == 0 && more_in_epoch;
   if (!preempt && !(step_ck && !opts_.run_dir.empty())) return;
   save_checkpoint("step_last", run.st);
+  if (preempt && opts_.run_dir.empty())
+    throw_if_preempted(fmt::format("[trainer] {}: step {} finished (no run directory: nothing checkpointed)",
+                                   opts_.label, run.st.step));
   if (preempt)
     throw_if_preempted(fmt::format("[trainer] step {} finished, checkpoint written to {}/step_last; rerun with "
                                    "--resume (emt study: rerun the same command)", run.st.step, opts_.run_dir));
