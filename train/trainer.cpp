@@ -255,9 +255,7 @@ void Trainer::save_checkpoint(const std::string& name, const State& st) {
     fs::create_directories(tmp);
     save_safetensors((tmp / "trainable.safetensors").string(), io_.get());
     save_safetensors((tmp / "optimizer.safetensors").string(), optimizer_tensors(*optimizer_));
-    NamedTensors rng;
-    for (auto& [name, state] : generator_states()) rng.emplace_back(name, state);  // cpu, cuda:<i>
-    save_safetensors((tmp / "rng.safetensors").string(), rng);
+    save_safetensors((tmp / "rng.safetensors").string(), generator_states());  // cpu, cuda:<i>
     json j = {{"epoch", st.epoch}, {"batch", st.batch}, {"step", st.step}, {"skipped_nonfinite", st.skipped},
               {"bad_in_row", st.bad_in_row}, {"skipped_overflow", st.overflows},
               {"epoch_loss_sum", st.epoch_loss_sum}, {"epoch_loss_n", st.epoch_loss_n}, {"compat", opts_.compat}};
@@ -299,7 +297,7 @@ void Trainer::load_checkpoint(const std::string& dir, State& st) {
   io_.set(tensors);
   load_optimizer_tensors(*optimizer_, SafetensorsReader(dir + "/optimizer.safetensors"));
   SafetensorsReader rng(dir + "/rng.safetensors");
-  std::vector<std::pair<std::string, torch::Tensor>> states;
+  NamedTensors states;
   for (const auto& n : rng.names()) states.emplace_back(n, rng.load(n));
   for (const auto& missing : set_generator_states(states))
     log_warn("[trainer] checkpoint '{}' holds the {} generator, which this process does not see: dropout there "
@@ -453,8 +451,7 @@ bool Trainer::train_epoch(Loop& run) {
     have_batch = data_.next(batch);
     if (micro < opts_.grad_accum && have_batch) continue;
 
-    const double grad_norm = optimizer_step(run, acc_loss, micro);
-    const double mean_loss = run.summary.last_step_loss;
+    const auto [mean_loss, grad_norm] = optimizer_step(run, acc_loss, micro);
     micro = 0;
     acc_loss = torch::zeros({}, f32);
     log_step(run, mean_loss, grad_norm, !have_batch);
@@ -474,8 +471,8 @@ bool Trainer::train_epoch(Loop& run) {
 // One optimizer step on the accumulated gradients. One device-to-host sync reads the summed micro-step losses
 // and the squared gradient norm together. A non-finite loss (or, without fp16 loss scaling, gradient) skips the
 // step and counts toward nan_patience; under fp16 an overflowing gradient only shrinks the loss scale.
-// Returns the (unscaled) gradient norm before clipping.
-double Trainer::optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t micro) {
+// Returns the mean loss and the (unscaled) gradient norm before clipping.
+Trainer::StepFigures Trainer::optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t micro) {
   auto& st = run.st;
   std::vector<torch::Tensor> parts{loss_sum.reshape({1})};
   for (auto& p : run.params)
@@ -487,9 +484,15 @@ double Trainer::optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t
   const double scale = scaler_ ? scaler_->scale() : 1.0;
   const double mean_loss = static_cast<double>(h[0]) / static_cast<double>(micro);
   const double grad_norm = std::sqrt(static_cast<double>(norm_sq)) / scale;
-  run.summary.last_step_loss = mean_loss;
   const bool loss_ok = std::isfinite(mean_loss), grad_ok = std::isfinite(grad_norm);
-  if (loss_ok && !grad_ok && scaler_ && !(scaler_->update(false), scaler_->exhausted())) {
+  // Under fp16, overflowing gradients of a finite loss are the loss scale's business, unless the scale is already
+  // at its floor: then they count as non-finite like any other.
+  bool overflow = false;
+  if (loss_ok && !grad_ok && scaler_) {
+    scaler_->update(false);
+    overflow = !scaler_->exhausted();
+  }
+  if (overflow) {
     ++st.overflows;
     optimizer_->zero_grad();
     log_info("[trainer] fp16 gradient overflow at step {}: step skipped, loss scale {} -> {}", st.step + 1, scale,
@@ -530,7 +533,7 @@ double Trainer::optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t
     run.summary.last_loss = mean_loss;
   }
   ++st.step;
-  return grad_norm;
+  return {mean_loss, grad_norm};
 }
 
 // A metrics.jsonl line every log_every_steps steps and at the end of an epoch; the progress line.

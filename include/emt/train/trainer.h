@@ -94,7 +94,6 @@ struct EpochEnd {
 struct TrainSummary {
   int64_t steps = 0, epochs_done = 0, skipped_nonfinite = 0;
   double last_loss = 0.0, seconds = 0.0, samples_per_s = 0.0;
-  double last_step_loss = 0.0;     // mean loss of the latest optimizer step, finite or not
   bool resumed = false;
   std::vector<double> losses;      // every finite micro-step loss of this process, in order (tests, summaries)
 };
@@ -123,7 +122,10 @@ class Trainer {
   void plan(Loop& run) const;
   void open_run_dir(Loop& run);
   bool train_epoch(Loop& run);
-  double optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t micro);
+  struct StepFigures {
+    double mean_loss, grad_norm;
+  };
+  StepFigures optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t micro);
   void log_step(Loop& run, double mean_loss, double grad_norm, bool epoch_end);
   void checkpoint_or_preempt(Loop& run, bool more_in_epoch);
   void end_epoch(Loop& run);
