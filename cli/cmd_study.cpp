@@ -29,10 +29,13 @@ emt::cli::RegisterCommand reg([](CLI::App& root) {
     }
     emt::set_log_level(emt::parse_log_level(cfg.run.log_level));
     int threads = emt::apply_run_section(cfg.run);
-    emt::log_info("[study] {} intra-op threads, device {}", threads, cfg.run.device);
     emt::StudyOptions so;
+    so.comm = emt::cli::join_process_group(cfg);  // data parallel under emt launch / torchrun / srun
     so.report = !*no_report;
+    so.progress = emt::is_main_process(so.comm.get());
+    emt::log_info("[study] {} intra-op threads, device {}", threads, cfg.run.device);
     auto s = emt::run_study(cfg, so);
+    if (!so.progress) return;  // rank 0 reports
     std::cout << s.matrix << "\n";
     std::cout << fmt::format("study finished in {:.0f}s: {} cells trained, {} already complete, {} result rows "
                              "written\nresults: {}/results.jsonl\n",

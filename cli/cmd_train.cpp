@@ -30,15 +30,23 @@ emt::cli::RegisterCommand reg_train([](CLI::App& root) {
   cmd->add_flag("--resume", *resume, "continue from the newest checkpoint in the run directory");
   cmd->callback([=] {
     auto cfg = load_and_setup(*path, *overrides);
+    auto comm = emt::cli::join_process_group(cfg);  // data parallel under emt launch / torchrun / srun
+    const bool main_rank = emt::is_main_process(comm.get());
     std::string run_dir = (std::filesystem::path(cfg.run.out_dir) / cfg.run.name).string();
-    std::filesystem::create_directories(run_dir);
-    emt::write_file_atomic(run_dir + "/config.yaml", emt::config_to_yaml(cfg));
-    if (cfg.model.pretrained.empty()) emt::build_base_model(cfg);
+    if (main_rank) {
+      std::filesystem::create_directories(run_dir);
+      emt::write_file_atomic(run_dir + "/config.yaml", emt::config_to_yaml(cfg));
+      if (cfg.model.pretrained.empty()) emt::build_base_model(cfg);
+    }
+    if (comm) comm->barrier();  // the base model exists before any rank loads it
     auto base = emt::load_base_model(cfg);
     emt::FinetuneOptions fo;
     fo.run_dir = run_dir;
     fo.resume = *resume;
+    fo.comm = comm;
+    fo.progress = main_rank;
     auto s = emt::finetune(base, cfg, fo);
+    if (!main_rank) return;
     std::cout << fmt::format("trained {} steps ({} epochs{}) in {:.1f}s, {:.1f} samples/s, last loss {:.4f}, "
                              "{} non-finite steps skipped; checkpoints in {}\n",
                              s.steps, s.epochs_done, s.resumed ? ", resumed" : "", s.seconds, s.samples_per_s,

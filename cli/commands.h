@@ -2,8 +2,11 @@
 // Commands do their work by calling the library and throw emt errors; main() maps them to exit codes.
 #pragma once
 #include <CLI/CLI.hpp>
+#include <emt/core/config.h>
+#include <emt/core/distributed.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -21,5 +24,9 @@ constexpr int kExitOk = 0;
 constexpr int kExitRuntime = 1;
 constexpr int kExitUsage = 2;
 constexpr int kExitPreempted = 75;  // checkpoint written after SIGTERM/SIGUSR1: requeue and --resume
+
+// Data parallel: the process group the launcher's environment names (emt launch, torchrun, srun), or nullptr for
+// one process. Moves run.device "cuda"/"auto" to cuda:<LOCAL_RANK>; ranks other than 0 log warnings only.
+std::shared_ptr<Communicator> join_process_group(RunConfig& cfg);
 
 }  // namespace emt::cli

@@ -79,6 +79,10 @@ struct DataLoader::Impl {
           return v;
         }();
     const int64_t w = opts.world_size;
+    if (opts.shard_batches) {  // whole batches are dealt out; every rank sees the one global order
+      order = std::move(global);
+      return;
+    }
     if (w > 1 && opts.even_shards && n > 0) {
       const int64_t total = (n + w - 1) / w * w;
       for (int64_t i = n; i < total; ++i) global.push_back(global[(i - n) % n]);
@@ -93,10 +97,14 @@ struct DataLoader::Impl {
     return static_cast<int64_t>(h % spec.questions.size());
   }
 
+  // The position of this rank's batch k in the epoch's sequence of batches of all ranks.
+  int64_t global_batch(int64_t k) const { return opts.shard_batches ? opts.rank + k * opts.world_size : k; }
+
   Batch build(int64_t k, std::vector<std::string>& bad) {
-    const int64_t b0 = k * opts.batch_size;
+    const int64_t b0 = global_batch(k) * opts.batch_size;
     const int64_t b1 = std::min<int64_t>(b0 + opts.batch_size, static_cast<int64_t>(order.size()));
     Batch out;
+    out.number = global_batch(k);
     std::vector<torch::Tensor> images;
     std::vector<std::vector<int64_t>> seqs, labs;
     for (int64_t p = b0; p < b1; ++p) {
@@ -223,11 +231,17 @@ DataLoader::DataLoader(std::shared_ptr<ImageDataset> dataset, std::shared_ptr<To
     if (d.opts.with_answer)
       for (auto& name : d.ds->class_names()) d.answer_ids.push_back(d.encode_answer(fill_label(d.spec.answer_template, name)));
   }
-  const int64_t n = d.ds->size(), w = d.opts.world_size;
-  d.shard_size = w > 1 && d.opts.even_shards ? (n + w - 1) / w
-                                             : (n - d.opts.rank + w - 1) / w;  // samples r, r+W, ... below n
-  d.batches = d.opts.drop_last ? d.shard_size / d.opts.batch_size
-                               : (d.shard_size + d.opts.batch_size - 1) / d.opts.batch_size;
+  const int64_t n = d.ds->size(), w = d.opts.world_size, r = d.opts.rank, bs = d.opts.batch_size;
+  if (d.opts.shard_batches) {
+    const int64_t all = d.opts.drop_last ? n / bs : (n + bs - 1) / bs;  // batches of all ranks together
+    d.batches = (all - r + w - 1) / w;                                  // batches r, r+W, ... below all
+    d.shard_size = 0;
+    for (int64_t g = r; g < all; g += w) d.shard_size += std::min(bs, n - g * bs);
+  } else {
+    d.shard_size = w > 1 && d.opts.even_shards ? (n + w - 1) / w
+                                               : (n - r + w - 1) / w;  // samples r, r+W, ... below n
+    d.batches = d.opts.drop_last ? d.shard_size / bs : (d.shard_size + bs - 1) / bs;
+  }
   start_epoch(0);
 }
 

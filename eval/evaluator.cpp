@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 namespace emt {
 
@@ -295,6 +296,11 @@ struct Evaluator::Impl {
   std::shared_ptr<Tokenizer> clip_tok;
   JsonFields extra;
   bool progress = true;
+  std::shared_ptr<Communicator> comm;  // data parallel: batches dealt out over the ranks, answers gathered
+
+  bool main() const { return is_main_process(comm.get()); }
+  // Data parallel: every rank's counts summed into `scores` (each rank scored its own batches).
+  void gather_counts(DatasetScores& scores) const;
 
   bool configured(const std::string& scorer) const {
     const auto& s = cfg.eval.scorers;
@@ -396,6 +402,27 @@ void Evaluator::set_clip(ClipModel clip, std::shared_ptr<Tokenizer> text_tokeniz
 bool Evaluator::has_clip() const { return static_cast<bool>(impl_->clip); }
 void Evaluator::set_prediction_fields(JsonFields fields) { impl_->extra = std::move(fields); }
 void Evaluator::set_progress(bool on) { impl_->progress = on; }
+void Evaluator::set_communicator(std::shared_ptr<Communicator> comm) {
+  impl_->comm = comm && comm->world_size() > 1 ? std::move(comm) : nullptr;
+}
+
+void Evaluator::Impl::gather_counts(DatasetScores& scores) const {
+  nlohmann::json mine = nlohmann::json::object();
+  for (const auto& [name, c] : scores.by_scorer) mine[name] = {c.n, c.correct, c.incorrect, c.intrinsic, c.extrinsic};
+  std::map<std::string, ScoreCounts> sum;
+  for (const auto& bytes : comm->all_gather_bytes(mine.dump())) {
+    const auto theirs = nlohmann::json::parse(bytes);  // items() must not outlive it
+    for (const auto& [name, v] : theirs.items()) {
+      ScoreCounts& c = sum[name];
+      c.n += v[0].get<int64_t>();
+      c.correct += v[1].get<int64_t>();
+      c.incorrect += v[2].get<int64_t>();
+      c.intrinsic += v[3].get<int64_t>();
+      c.extrinsic += v[4].get<int64_t>();
+    }
+  }
+  scores.by_scorer = std::move(sum);
+}
 
 std::vector<DatasetScores> Evaluator::evaluate(EvalModel& m, const std::string& pred_dir) {
   Impl& d = *impl_;
@@ -405,7 +432,7 @@ std::vector<DatasetScores> Evaluator::evaluate(EvalModel& m, const std::string& 
       throw ConfigError("[eval] eval.primary_scorer is clip but no CLIP model was given (eval.clip_model)");
     log_warn("[eval] the clip scorer is configured but no CLIP model was given: its rows are skipped");
   }
-  if (!pred_dir.empty()) fs::create_directories(pred_dir);
+  if (!pred_dir.empty() && d.main()) fs::create_directories(pred_dir);
   TrainFlagGuard train_flag(*m.model);
   torch::NoGradGuard ng;
   std::vector<DatasetScores> out;
@@ -431,6 +458,11 @@ std::unique_ptr<DataLoader> Evaluator::Impl::prompt_loader(EvalModel& m, const s
   lo.system = m.system;
   lo.image = m.image;
   lo.skip_bad = e.dcfg.skip_bad;
+  if (comm) {
+    lo.rank = comm->rank();
+    lo.world_size = comm->world_size();
+    lo.shard_batches = true;
+  }
   auto loader = std::make_unique<DataLoader>(e.ds, m.tokenizer, ps, lo);
   if (loader->image_token_id() != m.model->image_token_id)
     throw ConfigError(fmt::format("[eval] {}: the tokenizer's <image> id {} differs from the model's image token "
@@ -522,12 +554,12 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
   DatasetScores scores;
   scores.dataset = name;
   for (const auto& s : sc.order) scores.by_scorer[s];
-  std::string lines;
+  std::vector<std::pair<int64_t, std::string>> chunks;  // (batch number, its predictions lines)
   std::unique_ptr<Progress> prog;
-  if (progress) prog = std::make_unique<Progress>("eval " + name, loader->num_samples());
+  if (progress && main()) prog = std::make_unique<Progress>("eval " + name, loader->num_samples());
 
   Batch batch;
-  int64_t done = 0, k = 0;
+  int64_t done = 0;
   while (loader->next(batch)) {
     for (int64_t i = 0; i < batch.size(); ++i)
       if (batch.class_ids[i] < 0 || batch.class_ids[i] >= ls.num_classes())
@@ -535,7 +567,7 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
                                       e.ds->source(batch.indices[i]), batch.class_ids[i], ls.num_classes()));
     auto images = batch.images.to(m.device, img_dtype);
     auto ids = batch.input_ids.to(m.device), mask = batch.attention_mask.to(m.device);
-    g.seed = mix_seed(mix_seed(static_cast<uint64_t>(cfg.run.seed), di), static_cast<uint64_t>(k++));
+    g.seed = mix_seed(mix_seed(static_cast<uint64_t>(cfg.run.seed), di), static_cast<uint64_t>(batch.number));
     auto gen = generate(m.model, images, ids, mask, g);
     const int64_t B = batch.size();
     std::vector<std::string> outputs;
@@ -549,6 +581,7 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
       auto emb = clip_text_embeddings(clip, *clip_tok, outputs, m.device);
       clip_pred = emb.matmul(sc.class_emb.t()).argmax(1).cpu();
     }
+    std::string lines;
     for (int64_t i = 0; i < B; ++i) {
       const int64_t label = batch.class_ids[i];
       JsonFields f = extra;
@@ -563,11 +596,22 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
                    sc.clip ? clip_pred[i].item<int64_t>() : -1, scores, f);
       lines += to_json_line(f) + "\n";
     }
+    chunks.emplace_back(batch.number, std::move(lines));
     done += B;
     if (prog) {
       const auto& s = scores.by_scorer["strict"];
       prog->update(done, fmt::format("strict {:.1f}%", 100.0 * s.correct / std::max<int64_t>(1, s.n)));
     }
+  }
+  if (comm) {
+    // Every rank's answers, back in the one-process order of batches.
+    nlohmann::json mine = nlohmann::json::array();
+    for (auto& [number, lines] : chunks) mine.push_back({number, std::move(lines)});
+    chunks.clear();
+    for (const auto& bytes : comm->all_gather_bytes(mine.dump()))
+      for (const auto& c : nlohmann::json::parse(bytes)) chunks.emplace_back(c[0].get<int64_t>(), c[1].get<std::string>());
+    std::sort(chunks.begin(), chunks.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    gather_counts(scores);
   }
   for (auto& [_, c] : scores.by_scorer) c.finish();
   scores.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -577,7 +621,11 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
       summary += fmt::format("{}{} {:.1f}%", summary.empty() ? "" : ", ", s, 100.0 * scores.by_scorer[s].accuracy);
     prog->finish(summary);
   }
-  if (!pred_dir.empty()) write_file_atomic((fs::path(pred_dir) / (name + ".jsonl")).string(), lines);
+  if (!pred_dir.empty() && main()) {
+    std::string lines;
+    for (const auto& c : chunks) lines += c.second;
+    write_file_atomic((fs::path(pred_dir) / (name + ".jsonl")).string(), lines);
+  }
   return scores;
 }
 
@@ -612,8 +660,9 @@ std::vector<DatasetScores> Evaluator::clip_zero_shot(ClipModel& clip, const Toke
     ScoreCounts& counts = scores.by_scorer["clip_zero_shot"];
     const int64_t n = e.ds->size(), bs = d.cfg.eval.batch_size;
     std::unique_ptr<Progress> prog;
-    if (d.progress) prog = std::make_unique<Progress>("clip zero-shot " + name, n);
+    if (d.progress && d.main()) prog = std::make_unique<Progress>("clip zero-shot " + name, n);
     for (int64_t b0 = 0; b0 < n; b0 += bs) {
+      if (d.comm && (b0 / bs) % d.comm->world_size() != d.comm->rank()) continue;  // another rank's batch
       const int64_t b1 = std::min(n, b0 + bs);
       std::vector<torch::Tensor> pix(static_cast<size_t>(b1 - b0));
       std::vector<std::string> bad(pix.size());
@@ -647,9 +696,11 @@ std::vector<DatasetScores> Evaluator::clip_zero_shot(ClipModel& clip, const Toke
                                                                                 : VerdictKind::incorrect);
       if (prog) prog->update(b1, fmt::format("{:.1f}%", 100.0 * counts.correct / std::max<int64_t>(1, counts.n)));
     }
-    counts.finish();
+    if (d.comm) d.gather_counts(scores);  // replaces the map: `counts` is not used past here
+    ScoreCounts& total = scores.by_scorer["clip_zero_shot"];
+    total.finish();
     scores.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (prog) prog->finish(fmt::format("clip_zero_shot {:.1f}%", 100.0 * counts.accuracy));
+    if (prog) prog->finish(fmt::format("clip_zero_shot {:.1f}%", 100.0 * total.accuracy));
     out.push_back(std::move(scores));
   }
   return out;

@@ -50,7 +50,7 @@ std::set<std::string> done_keys(const std::string& path) {
 
 class Study {
  public:
-  Study(const RunConfig& cfg, const StudyOptions& opts) : cfg_(cfg), opts_(opts) {
+  Study(const RunConfig& cfg, const StudyOptions& opts) : cfg_(cfg), opts_(opts), comm_(opts.comm) {
     run_dir_ = (fs::path(cfg.run.out_dir) / cfg.run.name).string();
     results_path_ = run_dir_ + "/results.jsonl";
   }
@@ -60,19 +60,26 @@ class Study {
     // A preemption notice at any point ends the study at the next safe point with exit 75: after the phase in
     // progress has written what it computed (the base model, result rows, an epoch checkpoint), never halfway.
     PreemptionScope preemption(true);
-    fs::create_directories(run_dir_);
-    write_file_atomic(run_dir_ + "/config.yaml", config_to_yaml(cfg_));
+    if (main()) {
+      fs::create_directories(run_dir_);
+      write_file_atomic(run_dir_ + "/config.yaml", config_to_yaml(cfg_));
+    }
     if (cfg_.model.pretrained.empty()) {
       fault_point("pretrain");
-      PretrainOptions po;
-      po.progress = opts_.progress;
-      build_base_model(cfg_, po);
+      if (main()) {  // the other ranks wait for it (the cache is not built by two processes at once)
+        PretrainOptions po;
+        po.progress = opts_.progress;
+        build_base_model(cfg_, po);
+      }
+      if (comm_) comm_->barrier();
       preempted_check("the base model is built");
     }
     done_ = done_keys(results_path_);
-    writer_ = std::make_unique<JsonlWriter>(results_path_);
+    if (comm_) comm_->barrier();  // every rank has read the rows before rank 0 appends any
+    if (main()) writer_ = std::make_unique<JsonlWriter>(results_path_);
     evaluator_ = std::make_unique<Evaluator>(cfg_);
     evaluator_->set_progress(opts_.progress);
+    evaluator_->set_communicator(comm_);
     for (const auto& d : evaluator_->datasets()) log_info("[study] eval dataset {}: {} test images", d, evaluator_->dataset(d)->size());
 
     clip_baseline();
@@ -98,6 +105,10 @@ class Study {
     s.cells_skipped = cells_skipped_;
     s.epochs_recovered = recovered_;
     writer_.reset();
+    if (!main()) {  // rank 0 writes the report
+      preempted_check("every result row is written");
+      return s;
+    }
     auto loaded = load_results({run_dir_});
     s.matrix = format_matrix(loaded.rows, cfg_.eval.primary_scorer);
     if (opts_.report) {
@@ -116,8 +127,18 @@ class Study {
  private:
   std::vector<std::string> scorers() const { return evaluator_->scorers(); }
 
-  static void preempted_check(const std::string& done) {
-    throw_if_preempted("[study] " + done + "; rerun the same command to continue");
+  bool main() const { return is_main_process(comm_.get()); }
+
+  // A safe point. Data parallel: the ranks vote, so that all of them stop here or none does.
+  void preempted_check(const std::string& done) {
+    const std::string where = "[study] " + done + "; rerun the same command to continue";
+    if (!comm_) return throw_if_preempted(where);
+    auto votes = torch::tensor({pending_preemption() != 0 ? 1.0 : 0.0}, torch::kFloat64);
+    comm_->all_reduce_sum(votes);
+    if (votes.item<double>() > 0) {
+      take_preemption();
+      throw Preempted("a data-parallel rank received a preemption notice: " + where);
+    }
   }
 
   bool epoch_done(const std::string& ft, const std::string& method, int64_t seed, int64_t epoch) const {
@@ -127,9 +148,9 @@ class Study {
     return true;
   }
 
+  // Every rank keeps the same record of finished rows (they decide together what is left); rank 0 writes them.
   void append(const ResultRow& r) {
-    std::string line = result_to_json_line(r);
-    writer_->write_raw(line);
+    if (writer_) writer_->write_raw(result_to_json_line(r));
     done_.insert(r.key());
     ++rows_written_;
   }
@@ -169,7 +190,7 @@ class Study {
     for (const auto& ds : evaluator_->evaluate(em, pred_dir))
       for (const auto& [sc, c] : ds.by_scorer) {
         append(make_result_row("mllm", ft, method, seed, epoch, ds.dataset, sc, c, cfg_.run.name));
-        if (sc == cfg_.eval.primary_scorer)
+        if (sc == cfg_.eval.primary_scorer && main())
           log_info("[study] {} {} seed {} epoch {}: {} {:.1f}% ({} images)", ft.empty() ? "base" : ft, method, seed,
                    epoch, ds.dataset, 100.0 * c.accuracy, c.n);
       }
@@ -229,6 +250,7 @@ class Study {
     fo.run_dir = cell_dir;
     fo.resume = true;
     fo.progress = opts_.progress;
+    fo.comm = comm_;
     fo.on_epoch = [&](const EpochEnd& ee) {
       if (!epoch_done(ft, method, seed, ee.epoch)) {
         fault_point("epoch_score");
@@ -248,6 +270,7 @@ class Study {
 
   RunConfig cfg_;
   StudyOptions opts_;
+  std::shared_ptr<Communicator> comm_;
   std::string run_dir_, results_path_;
   std::set<std::string> done_;
   std::unique_ptr<JsonlWriter> writer_;

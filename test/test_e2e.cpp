@@ -2,8 +2,11 @@
 // pretrain -> train; kill -9 mid-epoch + --resume reproduces the straight run's losses bit for bit; SIGTERM
 // checkpoints and exits 75; a study killed between cells resumes without recomputing or losing a cell; a
 // preemption notice in any phase of a study; sweeps of studies run locally.
+#include <emt/core/distributed.h>
 #include <emt/core/error.h>
+#include <emt/core/safetensors.h>
 #include <emt/eval/sweep.h>
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -437,4 +440,180 @@ TEST_CASE("slurm: a preempted array task requeues itself and resumes from its ch
   CHECK_THAT(log, Catch::Contains("[trainer] resumed from"));
   CHECK_THAT(read_text(s.root() + "/slurm-" + job + "_0.out"), Catch::Contains("requeueing"));
   CHECK(result_rows(s.tasks[0].run_dir).size() == (2 + 60) * 2);  // CLIP, base, 60 epochs; two datasets
+}
+
+// ---- data parallel (c10d Gloo on loopback, through `emt launch`) -----------------------------------------------
+
+namespace {
+std::vector<double> step_losses(const std::string& run_dir) {
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::vector<double> out;
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return out;
+}
+
+nlohmann::json trainer_state(const std::string& ck) {
+  return nlohmann::json::parse(std::ifstream(ck + "/trainer_state.json"));
+}
+
+// Largest elementwise difference between two checkpoints' trainable tensors (names must match).
+double max_trainable_diff(const std::string& a_dir, const std::string& b_dir) {
+  emt::SafetensorsReader a(a_dir + "/trainable.safetensors"), b(b_dir + "/trainable.safetensors");
+  auto names = a.names();
+  CHECK(names == b.names());
+  double d = 0;
+  for (const auto& n : names) d = std::max(d, (a.load(n) - b.load(n)).abs().max().item<double>());
+  return d;
+}
+}  // namespace
+
+TEST_CASE("dist: the launcher's environment is read as torchrun and srun set it; bad values are named", "[dist]") {
+  auto clear = [] {
+    for (const char* v : {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS",
+                          "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_JOB_ID", "SLURM_LAUNCH_NODE_IPADDR"})
+      ::unsetenv(v);
+  };
+  clear();
+  CHECK_FALSE(emt::dist_env_from_environment().has_value());
+  ::setenv("WORLD_SIZE", "1", 1);
+  CHECK_FALSE(emt::dist_env_from_environment().has_value());  // one process: no group
+  ::setenv("WORLD_SIZE", "4", 1);
+  ::setenv("RANK", "3", 1);
+  ::setenv("LOCAL_RANK", "1", 1);
+  ::setenv("MASTER_ADDR", "10.0.0.7", 1);
+  ::setenv("MASTER_PORT", "29511", 1);
+  auto e = emt::dist_env_from_environment();
+  REQUIRE(e.has_value());
+  CHECK(e->rank == 3);
+  CHECK(e->world_size == 4);
+  CHECK(e->local_rank == 1);
+  CHECK(e->master_addr == "10.0.0.7");
+  CHECK(e->master_port == 29511);
+  ::setenv("RANK", "4", 1);
+  CHECK_THAT(emt_test::error_of<emt::ConfigError>([] { emt::dist_env_from_environment(); }),
+             Catch::Contains("RANK='4'"));
+  ::setenv("RANK", "x1", 1);
+  CHECK_THAT(emt_test::error_of<emt::ConfigError>([] { emt::dist_env_from_environment(); }),
+             Catch::Contains("expected an integer"));
+  clear();
+  // inside an srun step
+  ::setenv("SLURM_NTASKS", "2", 1);
+  ::setenv("SLURM_PROCID", "1", 1);
+  ::setenv("SLURM_LOCALID", "0", 1);
+  ::setenv("SLURM_STEP_ID", "0", 1);
+  ::setenv("SLURM_JOB_ID", "123457", 1);
+  ::setenv("SLURM_LAUNCH_NODE_IPADDR", "10.1.2.3", 1);
+  e = emt::dist_env_from_environment();
+  REQUIRE(e.has_value());
+  CHECK(e->source == "slurm");
+  CHECK(e->rank == 1);
+  CHECK(e->master_addr == "10.1.2.3");
+  CHECK(e->master_port == 20000 + 123457 % 20000);
+  ::unsetenv("SLURM_STEP_ID");  // the batch script itself (not an srun step) is one process
+  CHECK_FALSE(emt::dist_env_from_environment().has_value());
+  clear();
+}
+
+TEST_CASE("dist: a failing rank stops the launch with its exit code", "[dist]") {
+  auto r = emt_test::run_cli("launch --nproc 2 -- emt train /nonexistent/config.yaml");
+  CHECK(r.code == 2);
+  CHECK_THAT(r.output, Catch::Contains("/nonexistent/config.yaml"));
+  auto none = emt_test::run_cli("launch --nproc 2 -- /nonexistent/program");
+  CHECK(none.code == 127);
+  CHECK_THAT(none.output, Catch::Contains("cannot run '/nonexistent/program'"));
+}
+
+TEST_CASE("dist: two Gloo ranks train what one process trains on their combined batch", "[e2e][dist][slow]") {
+  const auto& w = tiny_world();
+  const std::string common = " finetune.lora.dropout=0 finetune.epochs=1";
+  auto one = emt_test::run_cli("train " + w.config + common + " finetune.batch_size=8 run.name=dp_one");
+  INFO(one.output);
+  REQUIRE(one.code == 0);
+  auto two = emt_test::run_cli("launch --nproc 2 -- emt train " + w.config + common +
+                               " finetune.batch_size=4 run.name=dp_two");
+  INFO(two.output);
+  REQUIRE(two.code == 0);
+  CHECK_THAT(two.output, Catch::Contains("trained 12 steps"));  // 96 images, 2 ranks x 4 per step
+  const std::string a = w.dir + "/runs/dp_one/epoch_1", b = w.dir + "/runs/dp_two/epoch_1";
+  auto st = trainer_state(b);
+  CHECK(st["data_parallel"]["world_size"] == 2);
+  CHECK(st["data_parallel"]["backend"] == "gloo");
+  REQUIRE(st["data_parallel"]["rank_fingerprints"].size() == 2);
+  CHECK(st["data_parallel"]["rank_fingerprints"][0] == st["data_parallel"]["rank_fingerprints"][1]);
+  CHECK_FALSE(trainer_state(a).contains("data_parallel"));
+  const double diff = max_trainable_diff(a, b);
+  CHECK(diff <= 1e-5);
+  // ... while training moved the adapter far beyond that tolerance (LoRA B starts at zero)
+  emt::SafetensorsReader r(b + "/trainable.safetensors");
+  double moved = 0;
+  for (const auto& n : r.names())
+    if (n.find("lora_B") != std::string::npos) moved = std::max(moved, r.load(n).abs().max().item<double>());
+  CHECK(moved > 1e-3);
+  const auto la = step_losses(w.dir + "/runs/dp_one"), lb = step_losses(w.dir + "/runs/dp_two");
+  REQUIRE(la.size() == 12);
+  REQUIRE(lb.size() == la.size());
+  for (size_t i = 0; i < la.size(); ++i) CHECK(std::abs(la[i] - lb[i]) <= 1e-5);
+
+  SECTION("a preemption notice on one rank stops both after the same step; the resumed run equals the straight one") {
+    auto p = emt_test::run_cli_env("EMT_FAULT_AT_STEP=5:USR1 EMT_FAULT_RANK=1",
+                                   "launch --nproc 2 -- emt train " + w.config + common +
+                                       " finetune.batch_size=4 run.name=dp_pre");
+    INFO(p.output);
+    CHECK(p.code == 75);
+    CHECK_THAT(p.output, Catch::Contains("a data-parallel rank received a preemption notice"));
+    // the notice came after step 5's all-reduce: the ranks voted at step 6 and both stopped there
+    CHECK(trainer_state(w.dir + "/runs/dp_pre/step_last")["step"] == 6);
+    auto c = emt_test::run_cli("launch --nproc 2 -- emt train " + w.config + common +
+                               " finetune.batch_size=4 run.name=dp_pre --resume");
+    INFO(c.output);
+    REQUIRE(c.code == 0);
+    CHECK(max_trainable_diff(w.dir + "/runs/dp_pre/epoch_1", b) == 0.0);
+    CHECK(step_losses(w.dir + "/runs/dp_pre") == lb);
+    // one process cannot continue a two-rank checkpoint: its shards mean something else
+    auto d = emt_test::run_cli("train " + w.config + " finetune.lora.dropout=0 finetune.epochs=2 "
+                               "finetune.batch_size=4 run.name=dp_pre --resume");
+    CHECK(d.code == 2);
+    CHECK_THAT(d.output, Catch::Contains("data_parallel.world_size: checkpoint has '2', this run has '1'"));
+  }
+}
+
+TEST_CASE("dist: a two-rank study scores exactly what one process scores", "[e2e][dist][slow]") {
+  const auto& w = tiny_world();
+  const std::string grid = " study.finetune_datasets=[quad] study.methods=[lora] study.epochs=1 "
+                           "eval.clip_baseline=true finetune.lora.dropout=0";
+  auto one = emt_test::run_cli("study " + w.config + grid + " finetune.batch_size=8 run.name=dps_one");
+  INFO(one.output);
+  REQUIRE(one.code == 0);
+  auto two = emt_test::run_cli("launch --nproc 2 -- emt study " + w.config + grid +
+                               " finetune.batch_size=4 run.name=dps_two");
+  INFO(two.output);
+  REQUIRE(two.code == 0);
+  const auto a = result_rows(w.dir + "/runs/dps_one"), b = result_rows(w.dir + "/runs/dps_two");
+  REQUIRE(a.size() == b.size());
+  int compared = 0;
+  for (const auto& [key, v] : a) {
+    INFO(key);
+    REQUIRE(b.count(key) == 1);
+    if (key.rfind("clip_zero_shot|", 0) == 0 || key.find("|base|") != std::string::npos) {
+      CHECK(b.at(key) == v);  // the same model scored on sharded batches: identical counts
+      ++compared;
+    } else {
+      CHECK(nlohmann::json::parse(b.at(key))["n"] == nlohmann::json::parse(v)["n"]);
+    }
+  }
+  CHECK(compared >= 2);
+  auto slurp = [](const std::string& p) {
+    std::ifstream in(p);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  for (const char* ds : {"quad", "quad2"}) {
+    const std::string pa = w.dir + "/runs/dps_one/predictions/base/" + ds + ".jsonl";
+    const std::string pb = w.dir + "/runs/dps_two/predictions/base/" + ds + ".jsonl";
+    REQUIRE(fs::exists(pb));
+    CHECK(slurp(pa) == slurp(pb));  // every answer, in the one-process order
+  }
+  CHECK(fs::exists(w.dir + "/runs/dps_two/report/report.html"));
+  auto ck = trainer_state(w.dir + "/runs/dps_two/cells/quad__lora__seed0/epoch_1");
+  CHECK(ck["data_parallel"]["rank_fingerprints"][0] == ck["data_parallel"]["rank_fingerprints"][1]);
 }

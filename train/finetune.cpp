@@ -108,12 +108,20 @@ TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptio
   lo.system = base.system;
   lo.image = base.image;
   lo.skip_bad = dcfg.skip_bad;
+  if (opts.comm) {
+    lo.rank = opts.comm->rank();
+    lo.world_size = opts.comm->world_size();
+    lo.even_shards = true;  // every rank the same number of batches: the ranks step together
+  }
   DataLoader loader(train, base.tokenizer, prompts, lo);
 
   TrainableSetup setup = apply_method(*base.model, ft, base.tokenizer.get());
   base.model->language_model->model->grad_checkpointing = ft.grad_checkpointing;
-  log_info("[finetune] {} on {}: {} ({} of {} parameters trainable, {} LoRA modules)", ft.method, ft.dataset,
-           describe_policy(setup.policy), setup.trainable, setup.total, setup.lora_modules.size());
+  log_info("[finetune] {} on {}: {} ({} of {} parameters trainable, {} LoRA modules){}", ft.method, ft.dataset,
+           describe_policy(setup.policy), setup.trainable, setup.total, setup.lora_modules.size(),
+           opts.comm ? fmt::format("; {} data-parallel ranks of batch {} (combined batch {})", opts.comm->world_size(),
+                                   ft.batch_size, ft.batch_size * opts.comm->world_size())
+                     : "");
 
   LlavaObjective objective(base.model, base.device);
   auto source = loader_source(loader);
@@ -131,6 +139,7 @@ TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptio
   to.resume = opts.resume;
   to.progress = opts.progress;
   to.label = ft.method + "/" + ft.dataset;
+  to.comm = opts.comm;
   Trainer trainer(objective, *source, setup.groups, io, to);
   if (opts.on_epoch) trainer.on_epoch_end(opts.on_epoch);
   return trainer.fit();

@@ -39,10 +39,14 @@ class LoaderSource : public BatchSource {
 };
 
 // Fault injection for the crash/preemption tests: EMT_FAULT_AT_STEP="<step>:<KILL|TERM|USR1>" sends that
-// signal to this process right after optimizer step <step> (KILL = a real kill -9: no cleanup at all).
+// signal to this process right after optimizer step <step> (KILL = a real kill -9: no cleanup at all); with
+// EMT_FAULT_RANK=<r>, only in the data-parallel rank r (RANK).
 void maybe_inject_fault(int64_t step) {
   static const char* spec = std::getenv("EMT_FAULT_AT_STEP");
   if (!spec) return;
+  static const char* only = std::getenv("EMT_FAULT_RANK");
+  static const char* rank = std::getenv("RANK");
+  if (only && std::string(only) != (rank ? rank : "0")) return;
   std::string s(spec);
   auto colon = s.find(':');
   if (colon == std::string::npos || std::stoll(s.substr(0, colon)) != step) return;
@@ -191,6 +195,7 @@ struct Trainer::State {
   int64_t overflows = 0;      // fp16 steps skipped because the scaled gradients overflowed
   double epoch_loss_sum = 0.0;
   int64_t epoch_loss_n = 0;
+  std::vector<std::string> rank_fingerprints;  // data parallel, epoch checkpoints: every rank's, in rank order
 };
 
 Trainer::Trainer(Objective& objective, BatchSource& data, std::vector<ParamGroup> groups, TrainableIO io,
@@ -200,6 +205,9 @@ Trainer::Trainer(Objective& objective, BatchSource& data, std::vector<ParamGroup
   if (opts_.grad_accum < 1) throw ConfigError("[trainer] grad_accum must be >= 1");
   if (opts_.precision != "f32" && opts_.precision != "bf16" && opts_.precision != "fp16")
     throw ConfigError("[trainer] finetune.precision must be f32, bf16 or fp16 (got '" + opts_.precision + "')");
+  // The shard a rank resumes at depends on the number of ranks: a checkpoint continues with the same number.
+  if (opts_.comm && opts_.comm->world_size() > 1)
+    opts_.compat["data_parallel.world_size"] = std::to_string(opts_.comm->world_size());
   if (opts_.precision == "fp16") {
     if (!opts_.device.is_cuda())
       throw ConfigError("[trainer] finetune.precision fp16 needs a CUDA device (run.device is " +
@@ -246,7 +254,7 @@ std::optional<std::string> Trainer::latest_checkpoint(const std::string& run_dir
 }
 
 void Trainer::save_checkpoint(const std::string& name, const State& st) {
-  if (opts_.run_dir.empty()) return;
+  if (opts_.run_dir.empty() || !main_process()) return;
   fs::path final_dir = fs::path(opts_.run_dir) / name;
   fs::path tmp = fs::path(opts_.run_dir) / (name + ".tmp." + std::to_string(::getpid()));
   std::error_code ec;
@@ -260,6 +268,9 @@ void Trainer::save_checkpoint(const std::string& name, const State& st) {
               {"bad_in_row", st.bad_in_row}, {"skipped_overflow", st.overflows},
               {"epoch_loss_sum", st.epoch_loss_sum}, {"epoch_loss_n", st.epoch_loss_n}, {"compat", opts_.compat}};
     if (scaler_) j["grad_scale"] = {{"scale", scaler_->scale()}, {"good_steps", scaler_->good_steps()}};
+    if (opts_.comm)
+      j["data_parallel"] = {{"world_size", opts_.comm->world_size()}, {"backend", opts_.comm->backend()},
+                            {"rank_fingerprints", st.rank_fingerprints}};
     write_file_atomic((tmp / "trainer_state.json").string(), j.dump(2) + "\n");
     if (!opts_.config_yaml.empty()) write_file_atomic((tmp / "config.yaml").string(), opts_.config_yaml);
     if (io_.save_artifacts) io_.save_artifacts(tmp.string());
@@ -285,6 +296,9 @@ void Trainer::load_checkpoint(const std::string& dir, State& st) {
       std::string was = it == saved.end() ? "<absent>" : it->second;
       if (was != v) diffs.push_back(k + ": checkpoint has '" + was + "', this run has '" + v + "'");
     }
+    for (const auto& [k, v] : saved)  // a data-parallel checkpoint resumed by one process
+      if (k.rfind("data_parallel.", 0) == 0 && !opts_.compat.count(k))
+        diffs.push_back(k + ": checkpoint has '" + v + "', this run has '1'");
     if (!diffs.empty()) {
       std::string msg = "[trainer] checkpoint '" + dir + "' was made with an incompatible config:";
       for (auto& d : diffs) msg += "\n  " + d;
@@ -315,7 +329,7 @@ void Trainer::load_checkpoint(const std::string& dir, State& st) {
 }
 
 void Trainer::prune_checkpoints() {
-  if (opts_.keep_last_n <= 0 || opts_.run_dir.empty()) return;
+  if (opts_.keep_last_n <= 0 || opts_.run_dir.empty() || !main_process()) return;
   std::vector<std::pair<int64_t, fs::path>> epochs;
   static const std::regex re("^epoch_([0-9]+)$");
   for (const auto& e : fs::directory_iterator(opts_.run_dir)) {
@@ -340,6 +354,7 @@ struct Trainer::Loop {
   int64_t samples_since = 0, tokens_since = 0, samples_total = 0;
   std::unique_ptr<Progress> progress;
   bool stop = false;
+  bool preempt_voted = false;  // data parallel: some rank had a preemption notice at the last step's all-reduce
 };
 
 TrainSummary Trainer::fit() {
@@ -351,6 +366,16 @@ TrainSummary Trainer::fit() {
     for (auto& p : g.params) run.params.push_back(p);
     run.base_lr.push_back(g.lr);
   }
+  if (opts_.comm) {
+    // Every rank must stand at the same position (they resume from one shared run directory).
+    const auto pos = fmt::format("epoch {} batch {} step {}", run.st.epoch, run.st.batch, run.st.step);
+    const auto all = opts_.comm->all_gather_bytes(pos);
+    for (size_t r = 1; r < all.size(); ++r)
+      if (all[r] != all[0])
+        throw Error(fmt::format("[trainer] {}: data-parallel rank {} starts at {} but rank 0 at {} (do all ranks see "
+                                "the same run directory '{}'?)", opts_.label, r, all[r], all[0], opts_.run_dir));
+    broadcast_trainable(run);
+  }
   objective_.set_train(true);
   run.t0 = run.t_log = std::chrono::steady_clock::now();
   run.progress = std::make_unique<Progress>(opts_.label, run.total);
@@ -360,7 +385,7 @@ TrainSummary Trainer::fit() {
     end_epoch(run);
   }
   objective_.set_train(false);
-  if (opts_.progress) run.progress->finish(fmt::format("loss {:.4f}", run.summary.last_loss));
+  if (opts_.progress && main_process()) run.progress->finish(fmt::format("loss {:.4f}", run.summary.last_loss));
   run.summary.steps = run.st.step;
   run.summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run.t0).count();
   run.summary.samples_per_s = run.summary.seconds > 0 ? run.samples_total / run.summary.seconds : 0.0;
@@ -394,13 +419,14 @@ void Trainer::open_run_dir(Loop& run) {
       log_info("[trainer] resumed from {} (epoch {}, batch {}, step {})", *ck, run.st.epoch + 1, run.st.batch,
                run.st.step);
     }
-  } else if (auto ck = latest_checkpoint(opts_.run_dir)) {
+  } else if (auto ck = latest_checkpoint(opts_.run_dir); ck && main_process()) {
     // Starting over here would leave checkpoints of the earlier run beside the new ones, and a later
     // --resume would pick whichever has the most steps.
     throw ConfigError("[trainer] run directory '" + opts_.run_dir + "' already holds checkpoints of an earlier "
                       "run (newest: '" + *ck + "'): resume it (--resume), or remove that directory or choose "
                       "another run.name to start over");
   }
+  if (!main_process()) return;  // rank 0 keeps metrics.jsonl
   // Metrics lines past the checkpoint belong to work that is about to be redone.
   auto mpath = fs::path(opts_.run_dir) / "metrics.jsonl";
   if (fs::exists(mpath)) {
@@ -432,6 +458,7 @@ bool Trainer::train_epoch(Loop& run) {
   // The micro-step losses stay on the device; optimizer_step reads them with the gradient norm in one sync.
   const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(opts_.device);
   torch::Tensor acc_loss = torch::zeros({}, f32);
+  double weight = 0.0;  // this rank's share of the step (data parallel): supervised tokens, else samples
   bool have_batch = data_.next(batch);
   while (have_batch) {
     StepLoss sl;
@@ -446,13 +473,15 @@ bool Trainer::train_epoch(Loop& run) {
     run.samples_since += sl.samples;
     run.tokens_since += sl.tokens;
     run.samples_total += sl.samples;
+    weight += static_cast<double>(sl.tokens > 0 ? sl.tokens : sl.samples);
     ++micro;
     ++st.batch;
     have_batch = data_.next(batch);
     if (micro < opts_.grad_accum && have_batch) continue;
 
-    const auto [mean_loss, grad_norm] = optimizer_step(run, acc_loss, micro);
+    const auto [mean_loss, grad_norm] = optimizer_step(run, acc_loss, micro, weight);
     micro = 0;
+    weight = 0.0;
     acc_loss = torch::zeros({}, f32);
     log_step(run, mean_loss, grad_norm, !have_batch);
     checkpoint_or_preempt(run, have_batch);
@@ -472,15 +501,22 @@ bool Trainer::train_epoch(Loop& run) {
 // and the squared gradient norm together. A non-finite loss (or, without fp16 loss scaling, gradient) skips the
 // step and counts toward nan_patience; under fp16 an overflowing gradient only shrinks the loss scale.
 // Returns the mean loss and the (unscaled) gradient norm before clipping.
-Trainer::StepFigures Trainer::optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t micro) {
+Trainer::StepFigures Trainer::optimizer_step(Loop& run, torch::Tensor loss_sum, int64_t micro, double weight) {
   auto& st = run.st;
-  std::vector<torch::Tensor> parts{loss_sum.reshape({1})};
+  torch::Tensor votes = torch::zeros({1}, loss_sum.options());
+  if (opts_.comm) {
+    auto reduced = all_reduce_step(run, loss_sum, micro, weight);
+    loss_sum = reduced.slice(0, 0, 1);
+    votes = reduced.slice(0, 1, 2);
+  }
+  std::vector<torch::Tensor> parts{loss_sum.reshape({1}), votes};
   for (auto& p : run.params)
     if (p.grad().defined()) parts.push_back(p.grad().detach().to(torch::kFloat32).pow(2).sum().reshape({1}));
   auto host = torch::cat(parts).cpu();  // the step's one sync
   auto h = host.accessor<float, 1>();
+  run.preempt_voted = h[1] > 0.0f;
   float norm_sq = 0.0f;  // summed in fp32 in parameter order, as the per-parameter reduction always was
-  for (int64_t i = 1; i < host.size(0); ++i) norm_sq += h[i];
+  for (int64_t i = 2; i < host.size(0); ++i) norm_sq += h[i];
   const double scale = scaler_ ? scaler_->scale() : 1.0;
   const double mean_loss = static_cast<double>(h[0]) / static_cast<double>(micro);
   const double grad_norm = std::sqrt(static_cast<double>(norm_sq)) / scale;
@@ -559,18 +595,28 @@ void Trainer::log_step(Loop& run, double mean_loss, double grad_norm, bool epoch
     run.t_log = now;
     run.samples_since = run.tokens_since = 0;
   }
-  if (opts_.progress) run.progress->update(st.step, fmt::format("epoch {} loss {:.4f}", st.epoch + 1, mean_loss));
+  if (opts_.progress && main_process()) run.progress->update(st.step, fmt::format("epoch {} loss {:.4f}", st.epoch + 1, mean_loss));
 }
 
 // step_last every checkpoint_every_steps steps inside an epoch, and on a preemption signal (then stop with
 // Preempted, exit code 75 at the CLI).
 void Trainer::checkpoint_or_preempt(Loop& run, bool more_in_epoch) {
   maybe_inject_fault(run.st.step);
-  const bool preempt = opts_.handle_signals && pending_preemption() != 0;
+  // Data parallel: the vote taken in this step's all-reduce, so that every rank stops after the same step (a
+  // notice that arrived since stays pending for the next one).
+  const bool preempt = opts_.comm ? run.preempt_voted : opts_.handle_signals && pending_preemption() != 0;
   const bool step_ck =
       opts_.checkpoint_every_steps > 0 && run.st.step % opts_.checkpoint_every_steps == 0 && more_in_epoch;
   if (!preempt && !(step_ck && !opts_.run_dir.empty())) return;
   save_checkpoint("step_last", run.st);
+  if (preempt && opts_.comm) {
+    take_preemption();  // voted on: this rank's own notice (if any) is spent
+    opts_.comm->barrier();  // rank 0's checkpoint is on disk before any rank reports it
+    throw Preempted(fmt::format("a data-parallel rank received a preemption notice: [trainer] step {} finished{}; "
+                                "rerun the same command to continue", run.st.step,
+                                opts_.run_dir.empty() ? " (no run directory: nothing checkpointed)"
+                                                      : ", checkpoint written to " + opts_.run_dir + "/step_last"));
+  }
   if (preempt && opts_.run_dir.empty())
     throw_if_preempted(fmt::format("[trainer] {}: step {} finished (no run directory: nothing checkpointed)",
                                    opts_.label, run.st.step));
@@ -593,14 +639,18 @@ void Trainer::end_epoch(Loop& run) {
   next.epoch_loss_sum = 0;
   next.epoch_loss_n = 0;
   const std::string name = "epoch_" + std::to_string(ee.epoch);
+  if (opts_.comm) check_ranks_in_sync(run, next);
   save_checkpoint(name, next);
   if (!opts_.run_dir.empty()) {
     ee.checkpoint_dir = (fs::path(opts_.run_dir) / name).string();
     std::error_code ec;
-    fs::remove_all(fs::path(opts_.run_dir) / "step_last", ec);
+    if (main_process()) fs::remove_all(fs::path(opts_.run_dir) / "step_last", ec);
   }
+  // Other ranks may read the checkpoint (the study scores from the model in memory, but a callback may not).
+  if (opts_.comm) opts_.comm->barrier();
   prune_checkpoints();
-  log_info("[trainer] {} epoch {} done: step {}, mean loss {:.4f}", opts_.label, ee.epoch, ee.step, ee.mean_loss);
+  if (main_process())
+    log_info("[trainer] {} epoch {} done: step {}, mean loss {:.4f}", opts_.label, ee.epoch, ee.step, ee.mean_loss);
   objective_.set_train(false);
   for (auto& cb : callbacks_) cb(ee);
   objective_.set_train(true);
@@ -608,6 +658,61 @@ void Trainer::end_epoch(Loop& run) {
   st.batch = 0;  // the loop's increment moves st.epoch to next.epoch
   st.epoch_loss_sum = 0.0;
   st.epoch_loss_n = 0;
+}
+
+// ---- data parallel -------------------------------------------------------------------------------------------
+
+// Rank 0's trainable parameters into every rank (one flattened broadcast): the ranks start from one state even
+// when their initialisation (a LoRA B, a prompt) or their resume differed.
+void Trainer::broadcast_trainable(Loop& run) {
+  torch::NoGradGuard ng;
+  std::vector<torch::Tensor> flat;
+  for (auto& p : run.params) flat.push_back(p.detach().reshape({-1}).to(torch::kFloat32));
+  auto buf = torch::cat(flat);
+  opts_.comm->broadcast(buf, 0);
+  int64_t off = 0;
+  for (auto& p : run.params) {
+    const int64_t n = p.numel();
+    p.copy_(buf.slice(0, off, off + n).view_as(p));
+    off += n;
+  }
+}
+
+// One flattened all-reduce per optimizer step: [loss x w, w, preemption vote, gradients x w] summed over the
+// ranks and divided by the summed w. Writes the combined gradients back and returns [loss sum over `micro`
+// micro-steps, vote] on the device; no host sync.
+torch::Tensor Trainer::all_reduce_step(Loop& run, const torch::Tensor& loss_sum, int64_t micro, double weight) {
+  torch::NoGradGuard ng;
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32).device(opts_.device);
+  std::vector<torch::Tensor> parts{loss_sum.reshape({1}).to(torch::kFloat32) * (weight / static_cast<double>(micro)),
+                                   torch::full({1}, weight, f32),
+                                   torch::full({1}, pending_preemption() != 0 ? 1.0 : 0.0, f32)};
+  for (auto& p : run.params)
+    if (p.grad().defined()) parts.push_back(p.grad().detach().reshape({-1}).to(torch::kFloat32) * weight);
+  auto buf = torch::cat(parts);
+  opts_.comm->all_reduce_sum(buf);
+  buf.div_(buf.slice(0, 1, 2).clone());
+  int64_t off = 3;
+  for (auto& p : run.params)
+    if (p.grad().defined()) {
+      const int64_t n = p.grad().numel();
+      p.grad().copy_(buf.slice(0, off, off + n).view_as(p.grad()));
+      off += n;
+    }
+  return torch::cat({buf.slice(0, 0, 1) * static_cast<double>(micro), buf.slice(0, 2, 3)});
+}
+
+// Every rank's fingerprint of its trainable parameters, compared at the epoch's end: data-parallel ranks that
+// drifted apart (a non-deterministic kernel, a rank that skipped a step) are named instead of averaged.
+void Trainer::check_ranks_in_sync(Loop& run, State& next) {
+  const auto mine = fmt::format("{:016x}", tensor_fingerprint(run.params));
+  next.rank_fingerprints = opts_.comm->all_gather_bytes(mine);
+  for (size_t r = 1; r < next.rank_fingerprints.size(); ++r)
+    if (next.rank_fingerprints[r] != next.rank_fingerprints[0])
+      throw Error(fmt::format("[trainer] {} epoch {}: the trainable parameters of rank {} differ from rank 0's "
+                              "(fingerprints {} vs {}): the data-parallel ranks no longer train one model",
+                              opts_.label, run.st.epoch + 1, r, next.rank_fingerprints[r],
+                              next.rank_fingerprints[0]));
 }
 
 }  // namespace emt

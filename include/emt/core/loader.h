@@ -21,6 +21,7 @@ struct Batch {
   torch::Tensor labels;          // [B, T] int64: answer ids and eos; -100 on prompt and padding
   std::vector<int64_t> class_ids;  // dataset label of each row (-1 for instruction data)
   std::vector<int64_t> indices;    // dataset index of each row
+  int64_t number = 0;              // position in the epoch's sequence of batches (of all ranks, with shard_batches)
   int64_t size() const { return static_cast<int64_t>(indices.size()); }
 };
 
@@ -42,6 +43,9 @@ struct LoaderOptions {
   // sample appears exactly once over all ranks and shard sizes differ by at most one.
   int64_t rank = 0, world_size = 1;
   bool even_shards = true;
+  // Evaluation: deal out whole batches instead (rank r builds batches r, r + W, ... of the one-process sequence),
+  // so every batch is exactly the batch one process would build and results gather to the one-process ones.
+  bool shard_batches = false;
   int workers = 2;   // background threads; 0 = build batches in next()
   int prefetch = 4;  // batches built ahead of the consumer
   std::string padding_side = "right";  // "left" for generation

@@ -4,6 +4,7 @@
 #pragma once
 #include <emt/core/clip.h>
 #include <emt/core/config.h>
+#include <emt/core/distributed.h>
 #include <emt/core/image.h>
 #include <emt/core/llava.h>
 #include <emt/core/metrics.h>
@@ -97,6 +98,10 @@ class Evaluator {
   // Fields written first on every predictions line (the study's finetune_dataset, method, seed, epoch).
   void set_prediction_fields(JsonFields fields);
   void set_progress(bool on);  // progress display per dataset (default on)
+  // Data parallel: every rank of `comm` must call evaluate() / clip_zero_shot() together. Each scores batches
+  // r, r + W, ... of the one-process sequence (the very batches, so answers are those of one process); the
+  // counts and the predictions are gathered, and only rank 0 writes pred_dir. Null = one process.
+  void set_communicator(std::shared_ptr<Communicator> comm);
 
  private:
   struct Impl;

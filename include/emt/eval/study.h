@@ -3,6 +3,7 @@
 // to RUN_DIR/results.jsonl; a killed study resumes where it stopped and never recomputes a finished cell.
 #pragma once
 #include <emt/core/config.h>
+#include <emt/core/distributed.h>
 #include <emt/eval/metrics.h>
 #include <emt/train/pretrain.h>
 
@@ -14,6 +15,11 @@ namespace emt {
 struct StudyOptions {
   bool progress = true;
   bool report = true;  // write RUN_DIR/report at the end
+  // Data parallel (null = one process): every rank runs the study together; rank 0 builds the tiny base model
+  // (the others wait), every cell trains data-parallel, every evaluation is sharded and gathered, and only rank 0
+  // writes config.yaml, results.jsonl, predictions and the report. A preemption notice on any rank stops all of
+  // them at the same safe point.
+  std::shared_ptr<Communicator> comm;
 };
 
 struct StudySummary {

@@ -50,6 +50,9 @@ struct FinetuneOptions {
   bool resume = false;
   bool progress = true;
   std::function<void(const EpochEnd&)> on_epoch;
+  // Data parallel (null = one process): this rank trains on its shard of the data (finetune.batch_size per
+  // rank) and the Trainer combines the ranks' gradients; see TrainerOptions::comm.
+  std::shared_ptr<Communicator> comm;
 };
 TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptions& opts);
 

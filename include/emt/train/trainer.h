@@ -1,9 +1,11 @@
 // The one training loop of emt: any objective (causal-LM fine-tuning, contrastive CLIP pretraining, ...), any set
 // of trainable parameter groups, AdamW + schedule, accumulation, clipping, bf16 autocast, a NaN guard, atomic
-// per-epoch checkpoints with exact resume, preemption by signal, metrics.jsonl, and epoch callbacks.
+// per-epoch checkpoints with exact resume, preemption by signal, metrics.jsonl, epoch callbacks, and data
+// parallelism over a Communicator.
 #pragma once
 #include <emt/adapters/policy.h>
 #include <emt/core/config.h>
+#include <emt/core/distributed.h>
 #include <emt/core/error.h>
 #include <emt/core/loader.h>
 #include <emt/core/safetensors.h>
@@ -79,6 +81,16 @@ struct TrainerOptions {
   bool handle_signals = true;      // SIGTERM/SIGUSR1 -> checkpoint + Preempted
   std::string label = "train";     // progress label
   bool progress = true;
+  // Data parallel (null = one process). Every rank runs the same loop on its shard of the data (the BatchSource
+  // must give every rank the same number of batches): rank 0's trainable parameters are broadcast at the start;
+  // each optimizer step sums every rank's gradients and loss, weighted by its supervised tokens (samples where
+  // the objective counts none), in one flattened all-reduce and divides by the summed weight, so W ranks of
+  // batch B take the step one process takes on their combined batch of W x B (for token-mean objectives);
+  // preemption notices are voted on in the same all-reduce, so every rank stops after the same step. Only rank 0
+  // writes checkpoints, artifacts and metrics.jsonl; every rank resumes from them. At every epoch end the ranks
+  // compare fingerprints of their trainable parameters (Error if they differ) and the epoch's trainer_state.json
+  // records them.
+  std::shared_ptr<Communicator> comm;
 };
 TrainerOptions trainer_options(const FinetuneSection& ft, const RunSection& run);
 // The settings of `cfg` that a checkpoint must share with the run resuming it.
@@ -125,7 +137,11 @@ class Trainer {
   struct StepFigures {
     double mean_loss, grad_norm;
   };
-  StepFigures optimizer_step(Loop& run, const torch::Tensor& loss_sum, int64_t micro);
+  StepFigures optimizer_step(Loop& run, torch::Tensor loss_sum, int64_t micro, double weight);
+  torch::Tensor all_reduce_step(Loop& run, const torch::Tensor& loss_sum, int64_t micro, double weight);
+  void broadcast_trainable(Loop& run);
+  void check_ranks_in_sync(Loop& run, State& next);
+  bool main_process() const { return is_main_process(opts_.comm.get()); }
   void log_step(Loop& run, double mean_loss, double grad_norm, bool epoch_end);
   void checkpoint_or_preempt(Loop& run, bool more_in_epoch);
   void end_epoch(Loop& run);
