@@ -35,8 +35,8 @@ std::shared_ptr<Communicator> join_process_group(RunConfig& cfg) {
   ProcessGroupOptions po;
   po.device = resolve_device(cfg.run.device);
   auto comm = init_process_group(*env, po);
-  log_info("[dist] rank {} of {} on {} ({} via {}:{})", env->rank, env->world_size, cfg.run.device, comm->backend(),
-           env->master_addr, env->master_port);
+  log_info("[dist] rank {} of {} on {} ({} via {}:{}, from {} variables)", env->rank, env->world_size, cfg.run.device,
+           comm->backend(), env->master_addr, env->master_port, env->source == "slurm" ? "Slurm" : "launcher");
   if (!comm->is_main() && log_level() < LogLevel::warn) set_log_level(LogLevel::warn);  // rank 0 speaks for all
   return comm;
 }

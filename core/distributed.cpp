@@ -190,7 +190,11 @@ std::optional<DistEnv> dist_env_from_environment() {
     e.source = "env";
     return e;
   }
-  if (env_or_null("SLURM_NTASKS") && env_or_null("SLURM_PROCID") && env_or_null("SLURM_STEP_ID")) {
+  // Only inside an srun step: the batch script itself (step "batch", 4294967294) is one process even with
+  // --ntasks=N, and its emt would otherwise wait for ranks that never start.
+  const char* step = env_or_null("SLURM_STEP_ID");
+  const bool srun_step = step && std::string(step) != "4294967294" && std::string(step) != "4294967293";
+  if (env_or_null("SLURM_NTASKS") && env_or_null("SLURM_PROCID") && srun_step) {
     e.world_size = env_int("SLURM_NTASKS", 1, 1 << 20);
     if (e.world_size <= 1) return std::nullopt;
     e.rank = env_int("SLURM_PROCID", 0, e.world_size - 1);

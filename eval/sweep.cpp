@@ -3,6 +3,7 @@
 #include <emt/core/error.h>
 #include <emt/core/runtime.h>
 #include <emt/eval/sweep.h>
+#include <fmt/format.h>
 #include <yaml-cpp/yaml.h>
 
 #include <cctype>
@@ -90,7 +91,8 @@ Sweep load_sweep(const std::string& path) {
   only_keys(doc, path, "(top level)", {"sweep", "slurm"});
   const YAML::Node sw = doc["sweep"];
   if (!sw) throw ConfigError("[sweep] " + path + ": no 'sweep' section");
-  only_keys(sw, path, "sweep", {"name", "command", "config", "out_dir", "overrides", "grid", "parallel"});
+  only_keys(sw, path, "sweep", {"name", "command", "config", "out_dir", "overrides", "grid", "parallel",
+                                "ranks_per_task"});
   s.name = scalar<std::string>(sw, "name", "", path, "sweep");
   if (s.name.empty() || file_safe(s.name) != s.name)
     throw ConfigError("[sweep] " + path + ": sweep.name must be set and file-name safe (letters, digits, . - = _), got '" +
@@ -106,6 +108,8 @@ Sweep load_sweep(const std::string& path) {
   s.overrides = strings(sw, "overrides", path, "sweep");
   s.parallel = scalar<int64_t>(sw, "parallel", 1, path, "sweep");
   if (s.parallel < 1) throw ConfigError("[sweep] " + path + ": sweep.parallel must be >= 1");
+  s.ranks_per_task = scalar<int64_t>(sw, "ranks_per_task", 1, path, "sweep");
+  if (s.ranks_per_task < 1) throw ConfigError("[sweep] " + path + ": sweep.ranks_per_task must be >= 1");
   if (const YAML::Node g = sw["grid"]) {
     if (!g.IsMap()) throw ConfigError("[sweep] " + where(path, "sweep.grid", g) + ": expected key: [values]");
     for (const auto& kv : g) {
@@ -132,6 +136,10 @@ Sweep load_sweep(const std::string& path) {
     if (o.gpus < 0 || o.cpus_per_task < 1 || o.signal_seconds < 1)
       throw ConfigError("[sweep] " + path + ": slurm.gpus >= 0, slurm.cpus_per_task >= 1 and slurm.signal_seconds >= 1");
   }
+  if (s.slurm.gpus > 0 && s.ranks_per_task > s.slurm.gpus)
+    throw ConfigError(fmt::format("[sweep] {}: sweep.ranks_per_task is {} but slurm.gpus is {}: each rank needs its "
+                                  "own GPU (set slurm.gpus to {}, or 0 for CPU tasks)", path, s.ranks_per_task,
+                                  s.slurm.gpus, s.ranks_per_task));
   // The cartesian product, the first grid key varying slowest.
   int64_t n = 1;
   for (const auto& [k, vs] : s.grid) n *= static_cast<int64_t>(vs.size());
@@ -173,7 +181,10 @@ void mark_sweep_task_finished(const SweepTask& t, double seconds) {
 }
 
 std::vector<std::string> sweep_task_argv(const Sweep& s, const SweepTask& t, const std::string& emt_exe) {
-  std::vector<std::string> argv = {emt_exe, s.command, s.config};
+  std::vector<std::string> argv;
+  if (s.ranks_per_task > 1)  // data parallel on the task's node
+    argv = {emt_exe, "launch", "--nproc", std::to_string(s.ranks_per_task), "--"};
+  argv.insert(argv.end(), {emt_exe, s.command, s.config});
   argv.insert(argv.end(), t.overrides.begin(), t.overrides.end());
   argv.push_back(s.command == "study" ? "--no-report" : "--resume");  // the sweep writes one report for all
   return argv;

@@ -277,6 +277,7 @@ TEST_CASE("sweep: a grid becomes deterministic tasks; local runs them K at a tim
   CHECK(s.tasks[1].name == "t001_seed=1_batch_size=8");
   CHECK(s.tasks[1].run_dir == w.dir + "/runs/sweeps/seeds/t001_seed=1_batch_size=8");
   CHECK(s.config == w.dir + "/tiny.yaml");
+  CHECK(emt::sweep_task_argv(s, s.tasks[0], "/x/emt")[1] == "study");
 
   auto p = emt_test::run_cli("sweep " + file + " --backend print");
   INFO(p.output);
@@ -512,6 +513,8 @@ TEST_CASE("dist: the launcher's environment is read as torchrun and srun set it;
   CHECK(e->master_port == 20000 + 123457 % 20000);
   ::unsetenv("SLURM_STEP_ID");  // the batch script itself (not an srun step) is one process
   CHECK_FALSE(emt::dist_env_from_environment().has_value());
+  ::setenv("SLURM_STEP_ID", "4294967294", 1);  // the batch step, as some Slurm versions name it
+  CHECK_FALSE(emt::dist_env_from_environment().has_value());
   clear();
 }
 
@@ -616,4 +619,54 @@ TEST_CASE("dist: a two-rank study scores exactly what one process scores", "[e2e
   CHECK(fs::exists(w.dir + "/runs/dps_two/report/report.html"));
   auto ck = trainer_state(w.dir + "/runs/dps_two/cells/quad__lora__seed0/epoch_1");
   CHECK(ck["data_parallel"]["rank_fingerprints"][0] == ck["data_parallel"]["rank_fingerprints"][1]);
+}
+
+TEST_CASE("sweep: ranks_per_task runs each task data-parallel and needs a GPU per rank", "[sweep]") {
+  const std::string dir = emt_test::scratch_dir("sweep_ranks");
+  std::ofstream(dir + "/base.yaml") << "run: {name: x}\n";
+  std::ofstream(dir + "/s.yaml") << "sweep: {name: dp, config: base.yaml, ranks_per_task: 2, grid: {run.seed: [0]}}\n"
+                                 << "slurm: {gpus: 2}\n";
+  auto s = emt::load_sweep(dir + "/s.yaml");
+  const auto argv = emt::sweep_task_argv(s, s.tasks[0], "/x/emt");
+  REQUIRE(argv.size() > 7);
+  CHECK(std::vector<std::string>(argv.begin(), argv.begin() + 7) ==
+        std::vector<std::string>{"/x/emt", "launch", "--nproc", "2", "--", "/x/emt", "study"});
+  std::ofstream(dir + "/s.yaml") << "sweep: {name: dp, config: base.yaml, ranks_per_task: 4, grid: {run.seed: [0]}}\n"
+                                 << "slurm: {gpus: 2}\n";
+  CHECK_THAT(emt_test::error_of<emt::ConfigError>([&] { emt::load_sweep(dir + "/s.yaml"); }),
+             Catch::Contains("sweep.ranks_per_task is 4 but slurm.gpus is 2"));
+  std::ofstream(dir + "/s.yaml") << "sweep: {name: dp, config: base.yaml, ranks_per_task: 0, grid: {run.seed: [0]}}\n";
+  CHECK_THAT(emt_test::error_of<emt::ConfigError>([&] { emt::load_sweep(dir + "/s.yaml"); }),
+             Catch::Contains("sweep.ranks_per_task must be >= 1"));
+}
+
+// Hidden ([.slurm], scripts/slurm-test.sh): ranks started by srun find each other through SLURM_PROCID,
+// SLURM_NTASKS and SLURM_LAUNCH_NODE_IPADDR alone.
+TEST_CASE("slurm: srun starts data-parallel ranks that meet through Slurm's variables", "[.slurm]") {
+  REQUIRE_THAT(shell("sinfo -h -o %t"), Catch::Contains("idle") || Catch::Contains("mix"));
+  const auto& w = tiny_world();
+  const std::string common = " finetune.lora.dropout=0 finetune.epochs=1 run.threads=1 run.log_level=info";
+  auto one = emt_test::run_cli("train " + w.config + common + " finetune.batch_size=8 run.name=srun_one");
+  INFO(one.output);
+  REQUIRE(one.code == 0);
+  const std::string script = w.dir + "/srun_dp.sbatch", out = w.dir + "/srun_dp.out";
+  std::ofstream(script) << "#!/usr/bin/env bash\n#SBATCH --job-name=emt-srun-dp\n#SBATCH --ntasks=2\n"
+                        << "#SBATCH --cpus-per-task=1\n#SBATCH --time=00:10:00\n#SBATCH --output=" << out << "\n"
+                        << "unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE\n"
+                        << "srun --kill-on-bad-exit=1 " << EMT_CLI << " train " << w.config << common
+                        << " finetune.batch_size=4 run.name=srun_two\n";
+  const std::string job = shell("sbatch --parsable " + script);
+  INFO("sbatch: " << job);
+  const std::string ck = w.dir + "/runs/srun_two/epoch_1";
+  const bool done = wait_for([&] { return fs::exists(ck + "/trainer_state.json"); }, 240) &&
+                    wait_for([&] { return read_text(out).find("trained 12 steps") != std::string::npos; }, 60);
+  INFO(read_text(out) << shell("squeue"));
+  REQUIRE(done);
+  const auto log = read_text(out);
+  CHECK_THAT(log, Catch::Contains("[dist] rank 0 of 2") && Catch::Contains("from Slurm variables"));
+  auto st = trainer_state(ck);
+  CHECK(st["data_parallel"]["world_size"] == 2);
+  REQUIRE(st["data_parallel"]["rank_fingerprints"].size() == 2);
+  CHECK(st["data_parallel"]["rank_fingerprints"][0] == st["data_parallel"]["rank_fingerprints"][1]);
+  CHECK(max_trainable_diff(w.dir + "/runs/srun_one/epoch_1", ck) <= 1e-5);
 }

@@ -21,10 +21,10 @@ struct DistEnv {
   std::string source;  // "env" (RANK/WORLD_SIZE, as emt launch and torchrun set them) or "slurm"
 };
 
-// RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (emt launch, torchrun); else, inside an srun step,
-// SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID with MASTER_ADDR or else SLURM_LAUNCH_NODE_IPADDR, and MASTER_PORT or
-// else 20000 + SLURM_JOB_ID % 20000. nullopt when neither names more than one process. ConfigError naming the
-// variable when one is malformed or out of range.
+// RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (emt launch, torchrun); else, inside an srun step (not
+// in the batch script itself), SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID with MASTER_ADDR or else
+// SLURM_LAUNCH_NODE_IPADDR, and MASTER_PORT or else 20000 + SLURM_JOB_ID % 20000. nullopt when neither names more
+// than one process. ConfigError naming the variable when one is malformed or out of range.
 std::optional<DistEnv> dist_env_from_environment();
 
 class Communicator {

@@ -35,6 +35,7 @@ struct Sweep {
   std::vector<std::string> overrides;       // applied to every task, before the grid point
   std::vector<std::pair<std::string, std::vector<std::string>>> grid;  // key -> values, first key slowest
   int64_t parallel = 1;                     // local: tasks at once; slurm: the array's %K
+  int64_t ranks_per_task = 1;               // > 1: each task runs data-parallel (emt launch --nproc N)
   SweepSlurm slurm;
   std::vector<SweepTask> tasks;
 
@@ -46,7 +47,8 @@ struct Sweep {
 Sweep load_sweep(const std::string& path);
 bool sweep_task_finished(const SweepTask& t);
 void mark_sweep_task_finished(const SweepTask& t, double seconds);  // atomic write of sweep_task.json
-// The command line of a task: {emt, command, config, overrides..., plus --no-report (study) or --resume (train)}.
+// The command line of a task: {emt, command, config, overrides..., plus --no-report (study) or --resume (train)},
+// behind {emt, launch, --nproc, N, --} when ranks_per_task N > 1.
 std::vector<std::string> sweep_task_argv(const Sweep& s, const SweepTask& t, const std::string& emt_exe);
 // The job-array script for `indices` (the unfinished tasks) and the dependent report job's script.
 std::string sweep_array_script(const Sweep& s, const std::vector<int64_t>& indices, const std::string& emt_exe);
