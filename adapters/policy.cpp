@@ -107,9 +107,13 @@ TrainingPolicy policy_for_method(const std::string& method) {
     }
     if (p.vision == M::Frozen && p.projector == M::Frozen && p.llm == M::Frozen && !p.prompt)
       throw ConfigError("[policy] finetune.method '" + method + "' trains nothing");
+  } else if (const auto base = registered_method_base(method); !base.empty()) {
+    p = policy_for_method(base);  // a method registered by a library user trains its base method's components
+    p.name = method;
   } else {
     std::string list;
     for (const auto& n : method_names()) list += (list.empty() ? "" : " | ") + n;
+    for (const auto& n : extension_names(ExtensionKind::method)) list += " | " + n;
     throw ConfigError("[policy] finetune.method '" + method + "' is not one of " + list +
                       " or an explicit 'vision=MODE,projector=MODE,llm=MODE[,prompt]'");
   }

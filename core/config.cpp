@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <fmt/format.h>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -319,6 +321,20 @@ const std::vector<std::string> kScorers = {"strict", "clip", "likelihood", "judg
 const std::vector<std::string> kFormats = {"idx", "cifar10", "cifar100", "imagefolder", "manifest", "llava_json",
                                            "synthetic"};
 
+std::mutex g_ext_mutex;
+std::map<ExtensionKind, std::map<std::string, std::string>> g_ext;  // kind -> name -> base (methods)
+
+const std::vector<std::string>& builtin_names(ExtensionKind kind) {
+  return kind == ExtensionKind::dataset_format ? kFormats : kind == ExtensionKind::scorer ? kScorers : kMethods;
+}
+
+// Built-in names followed by the registered ones.
+std::vector<std::string> with_extensions(ExtensionKind kind) {
+  auto all = builtin_names(kind);
+  for (const auto& n : extension_names(kind)) all.push_back(n);
+  return all;
+}
+
 struct Checker {
   Problems& p;
   void fail(const std::string& key, const std::string& msg) { p.add(p.where_of(key), key, msg); }
@@ -432,8 +448,9 @@ void check_data(const RunConfig& c, Checker& ck) {
   ck.positive("data.prefetch", c.data.prefetch);
   for (const auto& [name, d] : c.data.datasets) {
     std::string k = "data.datasets." + name;
-    ck.one_of(k + ".format", d.format, kFormats);
-    if (d.path.empty() && d.format != "synthetic") ck.fail(k + ".path", "must be set for format '" + d.format + "'");
+    ck.one_of(k + ".format", d.format, with_extensions(ExtensionKind::dataset_format));
+    const bool builtin = std::find(kFormats.begin(), kFormats.end(), d.format) != kFormats.end();
+    if (d.path.empty() && d.format != "synthetic" && builtin) ck.fail(k + ".path", "must be set for format '" + d.format + "'");
     ck.non_negative(k + ".train_max_samples", d.train_max_samples);
     ck.non_negative(k + ".test_max_samples", d.test_max_samples);
     ck.in_range(k + ".test_fraction", d.test_fraction, 0.0, 1.0, true);
@@ -467,7 +484,7 @@ void check_lora(const LoraConfig& lora, Checker& ck) {
 void check_finetune(const RunConfig& c, Checker& ck) {
   const auto& f = c.finetune;
   if (!f.dataset.empty()) ck.dataset_ref("finetune.dataset", f.dataset, c);
-  ck.one_of("finetune.method", f.method, kMethods);
+  ck.one_of("finetune.method", f.method, with_extensions(ExtensionKind::method));
   ck.non_negative("finetune.max_steps", f.max_steps);
   if (f.epochs < 1 && f.max_steps <= 0) ck.fail("finetune.epochs", fmt::format("must be >= 1 unless finetune.max_steps > 0 (got {})", f.epochs));
   ck.positive("finetune.batch_size", f.batch_size);
@@ -500,8 +517,9 @@ void check_eval(const RunConfig& c, Checker& ck) {
   ck.positive("eval.batch_size", e.batch_size);
   ck.positive("eval.max_new_tokens", e.max_new_tokens);
   ck.non_negative("eval.max_samples", e.max_samples);
-  ck.one_of("eval.primary_scorer", e.primary_scorer, kScorers);
-  for (size_t i = 0; i < e.scorers.size(); ++i) ck.one_of(fmt::format("eval.scorers[{}]", i), e.scorers[i], kScorers);
+  const auto scorers = with_extensions(ExtensionKind::scorer);
+  ck.one_of("eval.primary_scorer", e.primary_scorer, scorers);
+  for (size_t i = 0; i < e.scorers.size(); ++i) ck.one_of(fmt::format("eval.scorers[{}]", i), e.scorers[i], scorers);
   bool uses_judge = e.primary_scorer == "judge" ||
                     std::find(e.scorers.begin(), e.scorers.end(), "judge") != e.scorers.end();
   if (uses_judge && e.judge_command.empty())
@@ -518,11 +536,12 @@ void check_study(const RunConfig& c, Checker& ck) {
   const auto& s = c.study;
   for (size_t i = 0; i < s.finetune_datasets.size(); ++i)
     ck.dataset_ref(fmt::format("study.finetune_datasets[{}]", i), s.finetune_datasets[i], c);
-  for (size_t i = 0; i < s.methods.size(); ++i) ck.one_of(fmt::format("study.methods[{}]", i), s.methods[i], kMethods);
+  const auto methods = with_extensions(ExtensionKind::method);
+  for (size_t i = 0; i < s.methods.size(); ++i) ck.one_of(fmt::format("study.methods[{}]", i), s.methods[i], methods);
   if (s.seeds.empty()) ck.fail("study.seeds", "needs at least one seed");
   ck.positive("study.epochs", s.epochs);
   for (const auto& [meth, lr] : s.learning_rate_by_method) {
-    ck.one_of("study.learning_rate_by_method." + meth, meth, kMethods);
+    ck.one_of("study.learning_rate_by_method." + meth, meth, methods);
     ck.positive("study.learning_rate_by_method." + meth, lr);
   }
 }
@@ -669,6 +688,35 @@ RunConfig load_config_string(const std::string& yaml, const std::vector<std::str
     Loader(Layer{name}, p).apply_section(root, cfg, "");
   }
   return finish(std::move(cfg), p, overrides);
+}
+
+void add_extension_name(ExtensionKind kind, const std::string& name, const std::string& base) {
+  static const char* what[] = {"dataset format", "scorer", "method"};
+  const char* w = what[static_cast<int>(kind)];
+  if (name.empty()) throw ConfigError(fmt::format("[extensions] a registered {} needs a name", w));
+  const auto& builtin = builtin_names(kind);
+  if (std::find(builtin.begin(), builtin.end(), name) != builtin.end())
+    throw ConfigError(fmt::format("[extensions] '{}' is a built-in {}: register yours under another name", name, w));
+  if (kind == ExtensionKind::method &&
+      std::find(kMethods.begin(), kMethods.end(), base) == kMethods.end())
+    throw ConfigError(fmt::format("[extensions] method '{}': its base must be a built-in method ({}), got '{}'", name,
+                                  fmt::join(kMethods, ", "), base));
+  std::lock_guard<std::mutex> l(g_ext_mutex);
+  g_ext[kind][name] = base;
+}
+
+std::vector<std::string> extension_names(ExtensionKind kind) {
+  std::lock_guard<std::mutex> l(g_ext_mutex);
+  std::vector<std::string> out;
+  for (const auto& [n, _] : g_ext[kind]) out.push_back(n);
+  return out;
+}
+
+std::string registered_method_base(const std::string& method) {
+  std::lock_guard<std::mutex> l(g_ext_mutex);
+  auto& m = g_ext[ExtensionKind::method];
+  auto it = m.find(method);
+  return it == m.end() ? "" : it->second;
 }
 
 void validate_config(const RunConfig& cfg) {

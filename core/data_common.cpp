@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <map>
+#include <mutex>
 
 namespace emt {
 
@@ -173,7 +175,26 @@ const std::vector<std::string>& known_formats() {
   return f;
 }
 
+std::mutex g_formats_mutex;
+std::map<std::string, DatasetFactory>& registered_formats() {
+  static std::map<std::string, DatasetFactory> m;
+  return m;
+}
+
+DatasetFactory registered_format(const std::string& format) {
+  std::lock_guard<std::mutex> l(g_formats_mutex);
+  auto it = registered_formats().find(format);
+  return it == registered_formats().end() ? DatasetFactory() : it->second;
+}
+
 }  // namespace
+
+void register_dataset_format(const std::string& format, DatasetFactory factory) {
+  if (!factory) throw ConfigError("[data] register_dataset_format('" + format + "'): the factory is empty");
+  add_extension_name(ExtensionKind::dataset_format, format);  // validates the name
+  std::lock_guard<std::mutex> l(g_formats_mutex);
+  registered_formats()[format] = std::move(factory);
+}
 
 std::shared_ptr<ImageDataset> open_dataset_full(const std::string& name, const DatasetConfig& cfg,
                                                 const std::string& data_root, Split split) {
@@ -192,9 +213,17 @@ std::shared_ptr<ImageDataset> open_dataset_full(const std::string& name, const D
     ds = open_llava_dataset(path, split);
   } else if (cfg.format == "synthetic") {
     ds = open_synthetic_dataset(rel, split);  // the path names the generator
+  } else if (auto factory = registered_format(cfg.format)) {
+    DatasetConfig resolved = cfg;
+    resolved.path = cfg.path.empty() ? "" : path;
+    ds = factory(name, resolved, split);
+    if (!ds)
+      throw IoError(fmt::format("[data] dataset '{}': the registered format '{}' returned no {} split", name,
+                                cfg.format, split_name(split)));
   } else {
     std::string list;
     for (auto& f : known_formats()) list += (list.empty() ? "" : ", ") + f;
+    for (auto& f : extension_names(ExtensionKind::dataset_format)) list += ", " + f;
     throw ConfigError(fmt::format("[data] dataset '{}': unknown format '{}' (known: {})", name, cfg.format, list));
   }
   if (!cfg.class_names.empty()) {

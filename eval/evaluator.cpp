@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <mutex>
 #include <nlohmann/json.hpp>
 
 namespace emt {
@@ -282,6 +283,18 @@ ImageProcessorOptions clip_image_options(const std::string& dir, const ClipModel
 
 // ---- the evaluator ----------------------------------------------------------------------------------------------
 
+namespace {
+struct RegisteredScorer {
+  ScorerFn fn;
+  std::vector<std::string> datasets;  // empty = all
+};
+std::mutex g_scorers_mutex;
+std::map<std::string, RegisteredScorer>& registered_scorers() {
+  static std::map<std::string, RegisteredScorer> m;
+  return m;
+}
+}  // namespace
+
 struct Evaluator::Impl {
   struct Entry {
     std::shared_ptr<ImageDataset> ds;
@@ -297,6 +310,17 @@ struct Evaluator::Impl {
   JsonFields extra;
   bool progress = true;
   std::shared_ptr<Communicator> comm;  // data parallel: batches dealt out over the ranks, answers gathered
+  std::map<std::string, RegisteredScorer> custom;  // registered scorers (configured or not)
+
+  // The configured registered scorers that apply to `dataset`, in name order.
+  std::vector<std::string> custom_for(const std::string& dataset) const {
+    std::vector<std::string> out;
+    for (const auto& [name, r] : custom)
+      if (configured(name) &&
+          (r.datasets.empty() || std::find(r.datasets.begin(), r.datasets.end(), dataset) != r.datasets.end()))
+        out.push_back(name);
+    return out;
+  }
 
   bool main() const { return is_main_process(comm.get()); }
   // Data parallel: every rank's counts summed into `scores` (each rank scored its own batches).
@@ -324,16 +348,27 @@ struct Evaluator::Impl {
   DatasetScores evaluate_one(EvalModel& m, size_t di, const std::string& pred_dir);
 };
 
+void register_scorer(const std::string& name, ScorerFn fn, std::vector<std::string> datasets) {
+  if (!fn) throw ConfigError("[eval] register_scorer('" + name + "'): the scorer function is empty");
+  add_extension_name(ExtensionKind::scorer, name);  // validates the name
+  std::lock_guard<std::mutex> l(g_scorers_mutex);
+  registered_scorers()[name] = {std::move(fn), std::move(datasets)};
+}
+
 Evaluator::Evaluator(const RunConfig& cfg) : impl_(std::make_unique<Impl>()) {
   Impl& d = *impl_;
   d.cfg = cfg;
-  static const std::vector<std::string> known = {"strict", "likelihood", "clip", "judge"};
+  std::vector<std::string> known = {"strict", "likelihood", "clip", "judge"};
+  {
+    std::lock_guard<std::mutex> l(g_scorers_mutex);
+    d.custom = registered_scorers();  // as registered when the evaluator is made
+  }
+  for (const auto& [name, _] : d.custom) known.push_back(name);
   std::vector<std::string> listed = cfg.eval.scorers;
   listed.push_back(cfg.eval.primary_scorer);
   for (const auto& s : listed)
     if (std::find(known.begin(), known.end(), s) == known.end())
-      throw ConfigError(fmt::format("[eval] eval.scorers: unknown scorer '{}' (known: strict, likelihood, clip, "
-                                    "judge)", s));
+      throw ConfigError(fmt::format("[eval] eval.scorers: unknown scorer '{}' (known: {})", s, fmt::join(known, ", ")));
   if (d.configured("judge") && cfg.eval.judge_command.empty())
     throw ConfigError("[eval] eval.judge_command: the judge scorer is configured but no command is set");
   if (cfg.eval.batch_size <= 0)
@@ -390,6 +425,17 @@ std::vector<std::string> Evaluator::scorers() const {
   if (impl_->configured("likelihood")) s.push_back("likelihood");
   if (impl_->configured("clip") && impl_->clip) s.push_back("clip");
   if (impl_->configured("judge")) s.push_back("judge");
+  for (const auto& [name, _] : impl_->custom)
+    if (impl_->configured(name)) s.push_back(name);
+  return s;
+}
+
+std::vector<std::string> Evaluator::scorers_for(const std::string& dataset) const {
+  impl_->entry(dataset);  // ConfigError naming the evaluated datasets otherwise
+  std::vector<std::string> s;
+  for (const auto& name : scorers())
+    if (!impl_->custom.count(name)) s.push_back(name);
+  for (const auto& name : impl_->custom_for(dataset)) s.push_back(name);
   return s;
 }
 
@@ -476,6 +522,9 @@ struct Evaluator::Impl::DatasetScorers {
   std::vector<std::vector<int64_t>> candidates;  // likelihood: every class's answer ids
   torch::Tensor class_emb;                       // clip: [K, P]
   std::vector<std::string> order;                // scorers in report order, strict first
+  std::vector<std::pair<std::string, ScorerFn>> custom;  // registered scorers that apply to this dataset
+  std::string dataset;
+  const std::vector<std::string>* class_names = nullptr;
 };
 
 Evaluator::Impl::DatasetScorers Evaluator::Impl::prepare_scorers(EvalModel& m, const Entry& e) {
@@ -496,6 +545,12 @@ Evaluator::Impl::DatasetScorers Evaluator::Impl::prepare_scorers(EvalModel& m, c
   if (sc.lik) sc.order.push_back("likelihood");
   if (sc.clip) sc.order.push_back("clip");
   if (sc.judge) sc.order.push_back("judge");
+  sc.dataset = e.ds->name();
+  sc.class_names = &e.ds->class_names();
+  for (const auto& name : custom_for(e.ds->name())) {
+    sc.custom.emplace_back(name, custom.at(name).fn);
+    sc.order.push_back(name);
+  }
   return sc;
 }
 
@@ -531,6 +586,15 @@ void Evaluator::Impl::score_answer(const DatasetScorers& sc, const LabelSet& ls,
     scores.by_scorer["judge"].add(kind);
     f.emplace_back("verdict_judge", std::string(verdict_name(kind)));
     f.emplace_back("pred_judge", yes ? label : int64_t{-1});
+  }
+  for (const auto& [name, fn] : sc.custom) {
+    ScorerResult r = fn(ScorerInput{sc.dataset, *sc.class_names, label, output, ls});
+    if (r.predicted < -1 || r.predicted >= static_cast<int64_t>(sc.class_names->size()))
+      throw Error(fmt::format("[eval] scorer '{}' on {}: predicted class {} is outside [-1, {})", name, sc.dataset,
+                              r.predicted, sc.class_names->size()));
+    scores.by_scorer[name].add(r.kind);
+    f.emplace_back("verdict_" + name, std::string(verdict_name(r.kind)));
+    f.emplace_back("pred_" + name, r.predicted);
   }
 }
 

@@ -143,7 +143,7 @@ class Study {
 
   bool epoch_done(const std::string& ft, const std::string& method, int64_t seed, int64_t epoch) const {
     for (const auto& d : evaluator_->datasets())
-      for (const auto& sc : scorers())
+      for (const auto& sc : evaluator_->scorers_for(d))
         if (!done_.count(make_result_row("mllm", ft, method, seed, epoch, d, sc, {}, "").key())) return false;
     return true;
   }

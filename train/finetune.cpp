@@ -8,6 +8,9 @@
 #include <torch/torch.h>
 
 #include <filesystem>
+#include <map>
+#include <mutex>
+#include <optional>
 
 namespace emt {
 namespace fs = std::filesystem;
@@ -77,12 +80,52 @@ StepLoss LlavaObjective::loss(const Batch& batch) {
   StepLoss s;
   s.loss = model_->loss(batch.images.to(device_), batch.input_ids.to(device_), batch.attention_mask.to(device_),
                         batch.labels.to(device_));
+  if (term_) {
+    torch::Tensor extra = term_(LossTermInput{batch, s.loss, *model_, trained_});
+    if (!extra.defined() || extra.numel() != 1)
+      throw Error("[finetune] the method's loss term must return a scalar tensor (one element)");
+    s.loss = s.loss + extra.reshape({}).to(s.loss.scalar_type());
+  }
   s.samples = batch.size();
   s.tokens = (batch.labels != -100).sum().item<int64_t>();  // labels live on the host: no device sync
   return s;
 }
 
 void LlavaObjective::set_train(bool on) { model_->train(on); }
+
+void LlavaObjective::set_loss_term(LossTerm term, NamedTensors trained) {
+  term_ = std::move(term);
+  trained_ = std::move(trained);
+}
+
+namespace {
+std::mutex g_methods_mutex;
+std::map<std::string, MethodSpec>& registered_methods() {
+  static std::map<std::string, MethodSpec> m;
+  return m;
+}
+std::optional<MethodSpec> registered_method(const std::string& name) {
+  std::lock_guard<std::mutex> l(g_methods_mutex);
+  auto it = registered_methods().find(name);
+  if (it == registered_methods().end()) return std::nullopt;
+  return it->second;
+}
+
+// Every trained tensor by name, live (what a loss term differentiates through).
+NamedTensors live_trained(LlavaModelImpl& model, const torch::Tensor& prompt) {
+  NamedTensors out;
+  for (const auto& p : model.named_parameters())
+    if (p.value().requires_grad()) out.emplace_back(p.key(), p.value());
+  if (prompt.defined()) out.emplace_back("prompt_embeddings", prompt);
+  return out;
+}
+}  // namespace
+
+void register_method(const std::string& name, MethodSpec spec) {
+  add_extension_name(ExtensionKind::method, name, spec.base);  // validates the name and the base
+  std::lock_guard<std::mutex> l(g_methods_mutex);
+  registered_methods()[name] = std::move(spec);
+}
 
 TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptions& opts) {
   const auto& ft = cfg.finetune;
@@ -124,6 +167,11 @@ TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptio
                      : "");
 
   LlavaObjective objective(base.model, base.device);
+  if (auto spec = registered_method(ft.method); spec && spec->make_loss_term) {
+    NamedTensors live = live_trained(*base.model, setup.prompt_embeddings), initial;
+    for (const auto& [n, t] : live) initial.emplace_back(n, t.detach().clone());
+    if (LossTerm term = spec->make_loss_term(initial)) objective.set_loss_term(std::move(term), std::move(live));
+  }
   auto source = loader_source(loader);
   TrainableIO io;
   torch::Tensor prompt = setup.prompt_embeddings;

@@ -388,4 +388,18 @@ std::vector<std::pair<std::string, std::string>> config_reference();
 // Closest candidate by edit distance, or "" when none is close enough.
 std::string did_you_mean(const std::string& key, const std::vector<std::string>& candidates);
 
+// ---- names registered by library users ----------------------------------------------------------------------
+// register_dataset_format (emt/core/dataset.h), register_scorer (emt/eval/evaluator.h) and register_method
+// (emt/train/finetune.h) add their names here; validation then accepts them in data.datasets.<name>.format,
+// eval.scorers / eval.primary_scorer and study.methods / finetune.method / study.learning_rate_by_method like the
+// built-in ones. Register before loading configs and starting runs (registration is guarded by a mutex, but a
+// run reads the registries as they are when it starts).
+enum class ExtensionKind { dataset_format, scorer, method };
+// ConfigError when `name` is empty or a built-in name of that kind. Registering a name again replaces it.
+// For methods, `base` is the built-in method whose components it trains ("lora", "linear", ...).
+void add_extension_name(ExtensionKind kind, const std::string& name, const std::string& base = "");
+std::vector<std::string> extension_names(ExtensionKind kind);
+// The built-in method a registered method trains like, or "" when `method` is not a registered one.
+std::string registered_method_base(const std::string& method);
+
 }  // namespace emt

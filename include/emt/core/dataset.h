@@ -5,6 +5,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -53,6 +54,15 @@ std::vector<int64_t> choose_subset(const ImageDataset& ds, int64_t count, bool b
 // cfg.class_names, when set, replace the format's names (count must match the labels).
 std::shared_ptr<ImageDataset> open_dataset(const std::string& name, const DatasetConfig& cfg,
                                            const std::string& data_root, Split split, uint64_t seed);
+// A dataset format of your own, usable as `data.datasets.<name>.format: <format>` everywhere a built-in format is
+// (fine-tuning, every evaluation, the study, `emt data info`): called once per split with the dataset's name and
+// its config, whose `path` is already resolved against data.root (and may be empty). class_names, subsets,
+// prompts and answers are then applied as for the built-in formats. The factory may throw emt errors; returning
+// null is an IoError naming the dataset. Register before loading configs (validation accepts registered names).
+using DatasetFactory =
+    std::function<std::shared_ptr<ImageDataset>(const std::string& name, const DatasetConfig& cfg, Split split)>;
+void register_dataset_format(const std::string& format, DatasetFactory factory);
+
 // The same without subsetting (what `emt data info` counts).
 std::shared_ptr<ImageDataset> open_dataset_full(const std::string& name, const DatasetConfig& cfg,
                                                 const std::string& data_root, Split split);

@@ -14,6 +14,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -24,6 +25,26 @@ namespace emt {
 
 class ImageDataset;
 struct BaseModel;
+
+// ---- scorers of your own ------------------------------------------------------------------------------------
+// What a scorer sees for one answer.
+struct ScorerInput {
+  const std::string& dataset;                   // the eval dataset's name
+  const std::vector<std::string>& class_names;  // its class names
+  int64_t label;                                // the image's class index into class_names
+  const std::string& output;                    // the model's answer (cut at stop strings, trimmed)
+  const LabelSet& labels;                       // the strict scorer's label set of this dataset (scoring.h)
+};
+struct ScorerResult {
+  VerdictKind kind = VerdictKind::incorrect;
+  int64_t predicted = -1;  // the class it reads in the answer, -1 for none
+};
+using ScorerFn = std::function<ScorerResult(const ScorerInput&)>;
+// Registers a scorer by name: where eval.scorers (or eval.primary_scorer) names it, the Evaluator calls it for every
+// answer of the eval datasets in `datasets` (empty = all of them), counts its verdicts into result rows like the
+// built-in scorers' and writes verdict_<name> / pred_<name> into the predictions. It runs on the evaluating thread
+// (one answer at a time). ConfigError for a built-in name. Register before loading configs.
+void register_scorer(const std::string& name, ScorerFn fn, std::vector<std::string> datasets = {});
 
 // What is evaluated: a multimodal model with what it needs to read prompts and images.
 struct EvalModel {
@@ -74,8 +95,11 @@ class Evaluator {
   std::shared_ptr<ImageDataset> dataset(const std::string& name) const;  // ConfigError when not evaluated
   const LabelSet& label_set(const std::string& name) const;
   const std::map<std::string, LabelSet>& label_sets() const;
-  // Scorers evaluate() computes, in order: strict, then the configured ones among likelihood, clip, judge.
+  // Scorers evaluate() computes, in order: strict, then the configured ones among likelihood, clip, judge, then the
+  // configured registered scorers.
   std::vector<std::string> scorers() const;
+  // The same for one eval dataset (a registered scorer may be limited to some datasets).
+  std::vector<std::string> scorers_for(const std::string& dataset) const;
 
   // Generates an answer for every image of every dataset (eval.batch_size rows, eval.max_new_tokens, stops at EOS
   // and the template's stop strings; the answer is cut at a stop string and trimmed) and scores it with every

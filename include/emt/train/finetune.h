@@ -30,16 +30,44 @@ std::string base_model_dir(const RunConfig& cfg);
 // Loads it (weights in run.dtype on run.device). IoError with the remedy when the tiny model was not built yet.
 BaseModel load_base_model(const RunConfig& cfg);
 
-// Causal-LM loss of the multimodal model on a batch.
+// ---- methods of your own -----------------------------------------------------------------------------------
+// What a loss term sees at every micro-step: the batch, the causal-LM loss just computed, the model, and every
+// trained tensor by name (live: requires_grad, on the model's device; "prompt_embeddings" for prompt methods).
+struct LossTermInput {
+  const Batch& batch;
+  const torch::Tensor& loss;
+  LlavaModelImpl& model;
+  const NamedTensors& trained;
+};
+// Returns a scalar added to the loss (it must depend on the trained tensors through autograd to have an effect).
+using LossTerm = std::function<torch::Tensor(const LossTermInput&)>;
+
+// A method of your own: the components of a built-in method (`base`: lora, linear, ...) trained with an extra loss
+// term. make_loss_term runs once per training run, after the base method is applied and before a checkpoint is
+// resumed, with detached copies of the trained tensors' initial values (an L2 pull toward them, a Fisher
+// penalty, ...); an empty make_loss_term or an empty result trains exactly like the base method.
+struct MethodSpec {
+  std::string base = "lora";
+  std::function<LossTerm(const NamedTensors& initial)> make_loss_term;
+};
+// Registers `name` for finetune.method and study.methods (ConfigError for built-in names or an unknown base).
+// Register before loading configs; results rows and checkpoints carry `name` as their method.
+void register_method(const std::string& name, MethodSpec spec);
+
+// Causal-LM loss of the multimodal model on a batch (plus a method's loss term, when set).
 class LlavaObjective : public Objective {
  public:
   LlavaObjective(LlavaModel model, torch::Device device) : model_(std::move(model)), device_(device) {}
   StepLoss loss(const Batch& batch) override;
   void set_train(bool on) override;
+  // Adds `term` to every micro-step's loss; `trained` are the live trained tensors it receives.
+  void set_loss_term(LossTerm term, NamedTensors trained);
 
  private:
   LlavaModel model_;
   torch::Device device_;
+  LossTerm term_;
+  NamedTensors trained_;
 };
 
 // Fine-tunes `base` in place (the method's LoRA/prompt parameters are attached to it) on cfg.finetune.dataset for
