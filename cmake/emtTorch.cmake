@@ -61,7 +61,12 @@ macro(emt_find_torch)
       endif()
     endforeach()
     set(TORCH_INCLUDE_DIRS "${_emt_torch_inc}" "${_emt_torch_root}/include/torch/csrc/api/include")
-    set(_emt_torch_libs ${EMT_STDCXX_FIRST})
+    # Every LibTorch library is kept (--no-as-needed inside push/pop, as LibTorch's own package keeps them) even in
+    # a program that calls none of its symbols directly: otherwise such a program loads whichever libc10.so the
+    # system paths hold (Debian's 1.13 beside a 2.x wheel: "undefined symbol" at start-up).
+    # One push/pop around the system libstdc++ (first, as above) and the full paths (so that CMake still puts
+    # their directory on the build-tree RPATH); CMake drops a repeated flag item, so there is only one pair.
+    set(_emt_torch_libs "-Wl,--push-state,--no-as-needed" "stdc++")
     foreach(_lib torch torch_cpu c10)
       unset(_emt_lib CACHE)
       find_library(_emt_lib ${_lib} PATHS "${_emt_torch_root}/lib" NO_DEFAULT_PATH)
@@ -70,16 +75,18 @@ macro(emt_find_torch)
       endif()
       list(APPEND _emt_torch_libs "${_emt_lib}")
     endforeach()
+    set(EMT_TORCH_LIBDIR "${_emt_torch_root}/lib")
     set(EMT_TORCH_CUDA OFF)
     foreach(_lib torch_cuda c10_cuda)
       unset(_emt_lib CACHE)
       find_library(_emt_lib ${_lib} PATHS "${_emt_torch_root}/lib" NO_DEFAULT_PATH)
       if(_emt_lib)
-        list(APPEND _emt_torch_libs "-Wl,--no-as-needed,${_emt_lib},--as-needed")
+        list(APPEND _emt_torch_libs "${_emt_lib}")
         set(EMT_TORCH_CUDA ON)
       endif()
     endforeach()
     unset(_emt_lib CACHE)
+    list(APPEND _emt_torch_libs "-Wl,--pop-state")
     # The CUDA libraries that libtorch_cuda needs (cudart, cublas, cudnn, ...) are found through its own RPATH
     # when the program runs; the link step does not need to resolve them.
     if(EMT_TORCH_CUDA)

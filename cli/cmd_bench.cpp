@@ -1,0 +1,362 @@
+// `emt bench train`: the fine-tuning step (the one Trainer loop on one fixed batch) per method, timed in turns with
+// the same model and step in plain PyTorch eager (scripts/bench/train_ref.py under each given Python), in one run;
+// prints medians, ratios, samples/s, tokens/s and MFU against this machine's measured matmul peak.
+#include <emt/adapters/policy.h>
+#include <emt/core/config.h>
+#include <emt/core/error.h>
+#include <emt/core/llava.h>
+#include <emt/core/log.h>
+#include <emt/core/runtime.h>
+#include <emt/train/finetune.h>
+#include <emt/train/trainer.h>
+#include <sys/wait.h>
+#include <torch/torch.h>
+#include <torch/version.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fmt/core.h>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "commands.h"
+
+namespace emt::cli {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// A reference process: the spec on its command line, "run N" on stdin, "ok MS..." on stdout.
+class Reference {
+ public:
+  Reference(const std::string& python, const std::string& script, const std::string& spec) : python_(python) {
+    int in[2], out[2];
+    if (::pipe(in) != 0 || ::pipe(out) != 0) throw IoError("[bench] pipe() failed");
+    pid_ = ::fork();
+    if (pid_ < 0) throw IoError("[bench] fork() failed");
+    if (pid_ == 0) {
+      ::dup2(in[0], 0);
+      ::dup2(out[1], 1);
+      ::close(in[1]);
+      ::close(out[0]);
+      ::execl(python.c_str(), python.c_str(), script.c_str(), spec.c_str(), static_cast<char*>(nullptr));
+      std::perror(("[bench] cannot run " + python).c_str());
+      ::_exit(127);
+    }
+    ::close(in[0]);
+    ::close(out[1]);
+    to_ = ::fdopen(in[1], "w");
+    from_ = ::fdopen(out[0], "r");
+    const std::string hello = read_line();
+    if (hello.rfind("ready ", 0) != 0)
+      throw Error("[bench] " + python + " " + script + " did not start (said '" + hello + "'); see its error above");
+    label_ = hello.substr(6);
+  }
+  ~Reference() {
+    if (to_) {
+      std::fputs("quit\n", to_);
+      std::fclose(to_);
+    }
+    if (from_) std::fclose(from_);
+    if (pid_ > 0) ::waitpid(pid_, nullptr, 0);
+  }
+  Reference(const Reference&) = delete;
+  Reference& operator=(const Reference&) = delete;
+
+  std::vector<double> run(int steps) {
+    std::fprintf(to_, "run %d\n", steps);
+    std::fflush(to_);
+    const std::string line = read_line();
+    std::istringstream is(line);
+    std::string ok;
+    is >> ok;
+    if (ok != "ok") throw Error("[bench] the reference under " + python_ + " failed: '" + line + "'");
+    std::vector<double> ms;
+    for (double x; is >> x;) ms.push_back(x);
+    if (static_cast<int>(ms.size()) != steps) throw Error("[bench] the reference answered " + line);
+    return ms;
+  }
+  const std::string& label() const { return label_; }
+
+ private:
+  std::string read_line() {
+    std::string s;
+    for (int c; (c = std::fgetc(from_)) != EOF && c != '\n';) s.push_back(static_cast<char>(c));
+    return s;
+  }
+  std::string python_, label_;
+  pid_t pid_ = -1;
+  FILE* to_ = nullptr;
+  FILE* from_ = nullptr;
+};
+
+// The same batch every micro-step. The time between two next() calls is one optimizer step; at a round's end the
+// references run their round before the next step's clock starts.
+class TimedSource : public BatchSource {
+ public:
+  TimedSource(Batch b, int warmup, int rounds, int steps, std::function<void(int)> between)
+      : batch_(std::move(b)), warmup_(warmup), rounds_(rounds), steps_(steps), between_(std::move(between)) {}
+  int64_t num_batches() const override { return warmup_ + static_cast<int64_t>(rounds_) * steps_; }
+  void start_epoch(int64_t, int64_t) override { served_ = 0; }
+  bool next(Batch& out) override {
+    const auto now = Clock::now();
+    if (served_ > warmup_) ms.push_back(std::chrono::duration<double, std::milli>(now - last_).count());
+    const int64_t done = served_ - warmup_;  // measured steps finished
+    if (served_ == warmup_ || (done > 0 && done % steps_ == 0)) between_(static_cast<int>(done / steps_));
+    if (served_ >= num_batches()) return false;
+    out = batch_;
+    ++served_;
+    last_ = Clock::now();
+    return true;
+  }
+  std::vector<double> ms;
+
+ private:
+  Batch batch_;
+  int warmup_, rounds_, steps_;
+  std::function<void(int)> between_;
+  int64_t served_ = 0;
+  Clock::time_point last_;
+};
+
+// Model FLOPs of one optimizer step: the vision tower forward only (frozen, no gradients), the projector forward
+// and weight gradients, the decoder forward and input gradients (the projector below is trained) plus weight
+// gradients where trained (full) or LoRA's own three passes, logits at supervised positions only.
+double step_flops(const LlavaOptions& o, const std::string& method, int64_t lora_r, int64_t lora_targets_per_layer_in_out,
+                  int64_t b, int64_t t_total, int64_t supervised) {
+  const auto& v = o.vision;
+  const double dv = static_cast<double>(v.encoder.hidden_size), iv = static_cast<double>(v.encoder.intermediate_size);
+  const double tv = static_cast<double>(v.num_patches() + 1);
+  const int64_t depth = o.select_layer < 0 ? v.encoder.num_layers + 1 + o.select_layer : o.select_layer;
+  double vision = 2.0 * b * v.num_patches() * v.num_channels * v.patch_size * v.patch_size * dv;
+  vision += depth * (2.0 * b * tv * (4 * dv * dv + 2 * dv * iv) + 4.0 * b * tv * tv * dv);
+  const double d = static_cast<double>(o.llm.hidden_size), n_img = static_cast<double>(o.num_image_tokens());
+  const double proj = 2.0 * b * n_img * (o.projector.type == "mlp2x_gelu" ? dv * d + d * d : dv * d);
+  const auto& l = o.llm;
+  const double hd = static_cast<double>(l.head_dim()), inter = static_cast<double>(l.intermediate_size);
+  const double lin = 2.0 * b * t_total * (d * (l.num_heads + 2 * l.num_kv_heads) * hd + l.num_heads * hd * d + 3 * d * inter);
+  const double att = 4.0 * b * static_cast<double>(t_total) * t_total * d;
+  const double head = 2.0 * supervised * d * l.vocab_size;
+  double llm = (lin + att + head) * 2.0;   // forward + input gradients
+  if (method == "full") llm += lin + head;  // weight gradients
+  if (method == "lora") llm += 3.0 * 2.0 * b * t_total * lora_r * lora_targets_per_layer_in_out * l.num_layers;
+  return vision + 2.0 * proj + llm;
+}
+
+// Matmul FLOP/s of this machine at the threads in use (median of repeats, n x n x n).
+double matmul_peak(torch::ScalarType dtype, int64_t n = 1024) {
+  auto a = torch::randn({n, n}).to(dtype), bm = torch::randn({n, n}).to(dtype);
+  std::vector<double> s;
+  for (int i = 0; i < 8; ++i) {
+    auto t0 = Clock::now();
+    auto c = torch::mm(a, bm);
+    c.sum().item<float>();
+    if (i >= 2) s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return 2.0 * n * n * n / median(s);
+}
+
+struct Args {
+  std::string model = "configs/models/tiny.yaml";
+  std::vector<std::string> methods = {"linear", "lora", "full"};
+  std::vector<std::string> pythons = {"/usr/bin/python3", ".venv/bin/python"};
+  std::string script = "scripts/bench/train_ref.py";
+  int batch = 32, text_tokens = 32, answer_tokens = 6, warmup = 3, rounds = 5, steps = 4, threads = 2;
+  std::vector<std::string> overrides;
+};
+
+void write_raw(const fs::path& p, const torch::Tensor& t) {
+  auto c = t.contiguous();
+  std::ofstream f(p, std::ios::binary);
+  f.write(static_cast<const char*>(c.data_ptr()), static_cast<std::streamsize>(c.numel() * c.element_size()));
+  if (!f) throw IoError("[bench] cannot write " + p.string());
+}
+
+void bench_train(const Args& a) {
+  RunConfig cfg = load_config(a.model, a.overrides);
+  cfg.run.threads = a.threads;
+  apply_run_section(cfg.run);
+  const int64_t vocab = cfg.model.llm.vocab_size, image_token = vocab - 1;
+  const LlavaOptions lo = llava_options(cfg.model, image_token);
+  if (a.text_tokens < a.answer_tokens + 2)
+    throw ConfigError("[bench] --text-tokens must leave room for bos, the image token and the answer");
+  // The batch: bos, the image token, prompt tokens, then the answer (supervised); no padding.
+  torch::manual_seed(0);
+  Batch batch;
+  const int64_t B = a.batch, T = a.text_tokens;
+  batch.images = torch::randn({B, lo.vision.num_channels, lo.vision.image_size, lo.vision.image_size});
+  batch.input_ids = torch::randint(4, vocab - 1, {B, T}, torch::kLong);
+  batch.input_ids.select(1, 0).fill_(1);
+  batch.input_ids.select(1, 1).fill_(image_token);
+  batch.attention_mask = torch::ones({B, T}, torch::kLong);
+  batch.labels = torch::full({B, T}, -100, torch::kLong);
+  batch.labels.narrow(1, T - a.answer_tokens, a.answer_tokens).copy_(batch.input_ids.narrow(1, T - a.answer_tokens, a.answer_tokens));
+  for (int64_t i = 0; i < B; ++i) {
+    batch.indices.push_back(i);
+    batch.class_ids.push_back(-1);
+  }
+  const int64_t t_total = T - 1 + lo.num_image_tokens();
+  const int64_t supervised = B * a.answer_tokens;
+  const fs::path dir = fs::temp_directory_path() / fmt::format("emt-bench-{}", ::getpid());
+  fs::create_directories(dir);
+  write_raw(dir / "images.f32", batch.images);
+  write_raw(dir / "input_ids.i64", batch.input_ids);
+  write_raw(dir / "attention_mask.i64", batch.attention_mask);
+  write_raw(dir / "labels.i64", batch.labels);
+
+  const double peak32 = matmul_peak(torch::kFloat32), peak16 = matmul_peak(torch::kBFloat16);
+  fmt::print("emt bench train: {} (vision {}x{} px, {} image tokens; decoder width {}, {} layers), batch {}, "
+             "{} tokens per sample ({} supervised), {} threads\n",
+             a.model, lo.vision.image_size, lo.vision.image_size, lo.num_image_tokens(), lo.llm.hidden_size,
+             lo.llm.num_layers, B, t_total, a.answer_tokens, a.threads);
+  fmt::print("matmul peak (1024^3, median): fp32 {:.1f} GFLOP/s, bf16 {:.1f} GFLOP/s; {} rounds of {} steps after "
+             "{} warm-up steps, sides in turns\n\n",
+             peak32 / 1e9, peak16 / 1e9, a.rounds, a.steps, a.warmup);
+  fmt::print("{:<8} {:<26} {:>9} {:>9} {:>10} {:>9} {:>7} {:>11}\n", "method", "side", "ms/step", "samples/s",
+             "tokens/s", "GFLOP/s", "MFU", "emt/side");
+  for (const auto& method : a.methods)
+    if (method != "linear" && method != "lora" && method != "full")
+      throw ConfigError("[bench] --methods: '" + method + "' has no reference; each must be linear, lora or full");
+  const std::string emt_side = fmt::format("emt (LibTorch {}.{}.{})", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
+                                           TORCH_VERSION_PATCH);
+  for (const auto& method : a.methods) {
+    FinetuneSection ft = cfg.finetune;
+    ft.method = method;
+    ft.batch_size = a.batch;
+    torch::manual_seed(0);
+    LlavaModel model = build_llava(cfg.model, image_token);
+    TrainableSetup setup = apply_method(*model, ft, nullptr);
+    int64_t lora_io = 0;  // sum of in + out over the adapted linears of one decoder layer
+    for (const auto& name : ft.lora.target_modules) {
+      const int64_t d = lo.llm.hidden_size, inter = lo.llm.intermediate_size, kv = lo.llm.num_kv_heads * lo.llm.head_dim();
+      if (name == "q_proj" || name == "o_proj") lora_io += 2 * d;
+      else if (name == "k_proj" || name == "v_proj") lora_io += d + kv;
+      else if (name == "gate_proj" || name == "up_proj" || name == "down_proj") lora_io += d + inter;
+    }
+    nlohmann::json spec;
+    spec["vision"] = {{"image_size", lo.vision.image_size}, {"patch_size", lo.vision.patch_size},
+                      {"num_channels", lo.vision.num_channels}, {"hidden_size", lo.vision.encoder.hidden_size},
+                      {"num_layers", lo.vision.encoder.num_layers}, {"num_heads", lo.vision.encoder.num_heads},
+                      {"intermediate_size", lo.vision.encoder.intermediate_size},
+                      {"layer_norm_eps", lo.vision.encoder.layer_norm_eps}, {"select_layer", lo.select_layer},
+                      {"select_feature", lo.select_feature}};
+    spec["llm"] = {{"vocab_size", vocab}, {"hidden_size", lo.llm.hidden_size}, {"num_layers", lo.llm.num_layers},
+                   {"num_heads", lo.llm.num_heads}, {"num_kv_heads", lo.llm.num_kv_heads},
+                   {"intermediate_size", lo.llm.intermediate_size}, {"rope_theta", lo.llm.rope_theta},
+                   {"rms_norm_eps", lo.llm.rms_norm_eps}};
+    spec["projector"] = cfg.model.projector;
+    spec["method"] = method;
+    spec["lora"] = {{"r", ft.lora.r}, {"alpha", ft.lora.alpha}, {"dropout", ft.lora.dropout},
+                    {"targets", ft.lora.target_modules}};
+    spec["image_token_id"] = image_token;
+    spec["lr"] = ft.learning_rate;
+    spec["beta1"] = 0.9;
+    spec["beta2"] = 0.999;
+    spec["eps"] = 1e-8;
+    spec["weight_decay"] = ft.weight_decay;
+    spec["max_grad_norm"] = ft.max_grad_norm;
+    spec["threads"] = a.threads;
+    spec["batch"] = {{"dir", dir.string()}, {"B", B}, {"T", T}};
+    const fs::path spec_path = dir / ("spec-" + method + ".json");
+    std::ofstream(spec_path) << spec.dump(1);
+
+    std::vector<std::unique_ptr<Reference>> refs;
+    for (const auto& py : a.pythons) {
+      if (!fs::exists(py)) {
+        fmt::print("  (no {}: that reference is left out)\n", py);
+        continue;
+      }
+      refs.push_back(std::make_unique<Reference>(py, a.script, spec_path.string()));
+    }
+    std::vector<std::vector<double>> ref_ms(refs.size());
+    TimedSource source(batch, a.warmup, a.rounds, a.steps, [&](int round) {
+      for (size_t i = 0; i < refs.size(); ++i) {
+        auto ms = refs[i]->run(round == 0 ? a.warmup : a.steps);
+        if (round > 0) ref_ms[i].insert(ref_ms[i].end(), ms.begin(), ms.end());
+      }
+    });
+    if (a.warmup == 0)
+      throw ConfigError("[bench] --warmup must be at least 1 (the first steps allocate the optimizer state)");
+    LlavaObjective objective(model, torch::kCPU);
+    TrainableIO io;
+    io.get = [&] { return trainable_tensors(*model, setup.prompt_embeddings); };
+    io.set = [](const NamedTensors&) {};
+    TrainerOptions to = trainer_options(ft, cfg.run);
+    to.epochs = 1;
+    to.schedule = "constant";
+    to.warmup_ratio = 0.0;
+    to.warmup_steps = 0;
+    to.grad_accum = 1;
+    to.progress = false;
+    to.handle_signals = false;
+    to.log_every_steps = 1 << 30;
+    to.device = torch::kCPU;
+    to.precision = ft.precision;
+    Trainer trainer(objective, source, setup.groups, io, to);
+    trainer.fit();
+
+    const double flops = step_flops(lo, method, ft.lora.r, lora_io, B, t_total, supervised);
+    const double emt_ms = median(source.ms);
+    auto row = [&](const std::string& side, double ms, const std::string& ratio) {
+      const double s = ms / 1e3;
+      fmt::print("{:<8} {:<26} {:>9.1f} {:>9.1f} {:>10.0f} {:>9.1f} {:>6.1f}% {:>11}\n", method, side, ms, B / s,
+                 B * t_total / s, flops / s / 1e9, 100.0 * flops / s / peak32, ratio);
+    };
+    row(emt_side, emt_ms, "");
+    for (size_t i = 0; i < refs.size(); ++i) {
+      // the ratio of medians, and the median of the rounds' paired ratios beside it
+      std::vector<double> paired;
+      for (int r = 0; r < a.rounds; ++r) {
+        std::vector<double> e(source.ms.begin() + r * a.steps, source.ms.begin() + (r + 1) * a.steps);
+        std::vector<double> p(ref_ms[i].begin() + r * a.steps, ref_ms[i].begin() + (r + 1) * a.steps);
+        paired.push_back(median(e) / median(p));
+      }
+      row("python " + refs[i]->label(), median(ref_ms[i]),
+          fmt::format("{:.2f}x ({:.2f})", emt_ms / median(ref_ms[i]), median(paired)));
+    }
+  }
+  fmt::print("\nemt/side: emt's median step time over the side's (below 1 = emt faster); in brackets the median of "
+             "the per-round ratios. MFU against the fp32 matmul peak; model FLOPs count the vision forward, the "
+             "projector's forward and weight gradients, the decoder's forward and input gradients, and the trained "
+             "weights' gradients.\n");
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+}
+
+RegisterCommand reg([](CLI::App& root) {
+  auto* bench = root.add_subcommand("bench", "Benchmarks that print figures side by side (medians, ratios)");
+  bench->require_subcommand(1);
+  auto* train = bench->add_subcommand(
+      "train", "Fine-tuning step per method vs the same model and step in PyTorch eager (scripts/bench/train_ref.py)");
+  auto a = std::make_shared<Args>();
+  train->add_option("--model", a->model, "a config naming the model (model.*)")->default_val(a->model);
+  train->add_option("--methods", a->methods, "methods to time (linear, lora, full)")->delimiter(',');
+  train->add_option("--python", a->pythons, "interpreters of the references (each gets a row; missing = left out)")
+      ->delimiter(',');
+  train->add_option("--script", a->script, "the reference script")->default_val(a->script);
+  train->add_option("--batch", a->batch, "samples per step")->default_val(a->batch);
+  train->add_option("--text-tokens", a->text_tokens, "text tokens per sample, the image token included")
+      ->default_val(a->text_tokens);
+  train->add_option("--warmup", a->warmup, "untimed steps first")->default_val(a->warmup);
+  train->add_option("--rounds", a->rounds, "rounds (each side runs --steps per round, in turns)")
+      ->default_val(a->rounds);
+  train->add_option("--steps", a->steps, "timed steps per round")->default_val(a->steps);
+  train->add_option("--threads", a->threads, "intra-op threads of every side")->default_val(a->threads);
+  train->add_option("overrides", a->overrides, "config overrides key=value");
+  train->callback([a] { bench_train(*a); });
+});
+
+}  // namespace
+}  // namespace emt::cli
