@@ -443,3 +443,19 @@ TEST_CASE("trainer: the real multimodal model memorises one batch (LoRA and full
     CHECK(out[1] == std::vector<int64_t>{30, 31, 2});
   }
 }
+
+TEST_CASE("trainer: a multimodal step counts every processed token and its supervised ones apart", "[trainer]") {
+  const int64_t img = emt_test::kTinyImageToken;
+  torch::manual_seed(3);
+  auto model = emt::build_llava(emt_test::tiny_model_section(), img);
+  emt::apply_method(*model, emt_test::memorise_section("lora"));
+  Batch b = emt_test::memorise_batch(img);
+  b.attention_mask.select(0, 1).narrow(0, b.attention_mask.size(1) - 1, 1).fill_(0);  // one padded position
+  emt::LlavaObjective obj(model, torch::kCPU);
+  const auto sl = obj.loss(b);
+  const int64_t text = b.attention_mask.sum().item<int64_t>();
+  CHECK(sl.tokens == (b.labels != -100).sum().item<int64_t>());
+  // the unpadded text with each row's one image token replaced by the image's tokens
+  CHECK(sl.processed == text + b.size() * (model->options.num_image_tokens() - 1));
+  CHECK(sl.processed > sl.tokens);
+}

@@ -88,6 +88,9 @@ StepLoss LlavaObjective::loss(const Batch& batch) {
   }
   s.samples = batch.size();
   s.tokens = (batch.labels != -100).sum().item<int64_t>();  // labels live on the host: no device sync
+  // the decoder's sequence: the unpadded text, each image token replaced by the image's tokens
+  s.processed = batch.attention_mask.sum().item<int64_t>() +
+                (batch.images.defined() ? batch.size() * (model_->options.num_image_tokens() - 1) : 0);
   return s;
 }
 

@@ -351,7 +351,7 @@ struct Trainer::Loop {
   std::vector<torch::Tensor> params;
   std::vector<double> base_lr;
   std::chrono::steady_clock::time_point t0, t_log;
-  int64_t samples_since = 0, tokens_since = 0, samples_total = 0;
+  int64_t samples_since = 0, tokens_since = 0, answer_tokens_since = 0, samples_total = 0, tokens_total = 0;
   std::unique_ptr<Progress> progress;
   bool stop = false;
   bool preempt_voted = false;  // data parallel: some rank had a preemption notice at the last step's all-reduce
@@ -471,8 +471,11 @@ bool Trainer::train_epoch(Loop& run) {
     (loss * (scale / static_cast<double>(opts_.grad_accum))).backward();
     acc_loss = acc_loss + loss.detach().to(opts_.device);
     run.samples_since += sl.samples;
-    run.tokens_since += sl.tokens;
+    const int64_t processed = sl.processed > 0 ? sl.processed : sl.tokens;
+    run.tokens_since += processed;
+    run.answer_tokens_since += sl.tokens;
     run.samples_total += sl.samples;
+    run.tokens_total += processed;
     weight += static_cast<double>(sl.tokens > 0 ? sl.tokens : sl.samples);
     ++micro;
     ++st.batch;
@@ -581,7 +584,9 @@ void Trainer::log_step(Loop& run, double mean_loss, double grad_norm, bool epoch
     const double lr0 = static_cast<torch::optim::AdamWOptions&>(optimizer_->param_groups()[0].options()).lr();
     JsonFields metrics_line = {{"step", st.step}, {"epoch", st.epoch + 1}, {"loss", mean_loss}, {"lr", lr0},
                                {"grad_norm", grad_norm}, {"samples_per_s", run.samples_since / dt},
-                               {"tokens_per_s", run.tokens_since / dt}, {"peak_mem_mb", host_peak_rss_mb()},
+                               {"tokens_per_s", run.tokens_since / dt},
+                               {"answer_tokens_per_s", run.answer_tokens_since / dt},
+                               {"peak_mem_mb", host_peak_rss_mb()},
                                {"skipped_nonfinite", st.skipped}};
     if (opts_.device.is_cuda()) {
       const double gpu = device_peak_allocated_mb(opts_.device);
@@ -593,9 +598,13 @@ void Trainer::log_step(Loop& run, double mean_loss, double grad_norm, bool epoch
     }
     run.metrics->write(metrics_line);
     run.t_log = now;
-    run.samples_since = run.tokens_since = 0;
+    run.samples_since = run.tokens_since = run.answer_tokens_since = 0;
   }
-  if (opts_.progress && main_process()) run.progress->update(st.step, fmt::format("epoch {} loss {:.4f}", st.epoch + 1, mean_loss));
+  if (opts_.progress && main_process()) {
+    const double s = std::max(1e-9, std::chrono::duration<double>(std::chrono::steady_clock::now() - run.t0).count());
+    run.progress->update(st.step, fmt::format("epoch {} loss {:.4f} {:.0f} samples/s {:.0f} tokens/s", st.epoch + 1,
+                                              mean_loss, run.samples_total / s, run.tokens_total / s));
+  }
 }
 
 // step_last every checkpoint_every_steps steps inside an epoch, and on a preemption signal (then stop with

@@ -28,7 +28,8 @@ namespace emt {
 struct StepLoss {
   torch::Tensor loss;    // scalar, mean over the micro-batch
   int64_t samples = 0;
-  int64_t tokens = 0;    // supervised tokens (throughput figures)
+  int64_t tokens = 0;    // supervised (answer) tokens: the data-parallel weight, answer_tokens_per_s
+  int64_t processed = 0; // every token the model processed (image, prompt and answer; no padding): tokens_per_s
 };
 
 // What the loop optimises: turns one batch into a loss. Owns the model(s).
