@@ -122,20 +122,34 @@ SplicedInputs LlavaModelImpl::splice(const torch::Tensor& image_features, const 
     int64_t n = feats.size(1);
     auto starts = is_img.to(torch::kLong).argmax(1);
     auto starts_cpu = starts.cpu();
-    std::vector<torch::Tensor> rows, masks, labs;
-    for (int64_t i = 0; i < b; ++i) {
-      int64_t p = starts_cpu[i].item<int64_t>();
-      rows.push_back(torch::cat({text[i].narrow(0, 0, p), feats[i], text[i].narrow(0, p + 1, t - p - 1)}, 0));
-      masks.push_back(torch::cat({mask[i].narrow(0, 0, p), torch::ones({n}, lopts), mask[i].narrow(0, p + 1, t - p - 1)}));
-      if (labels.defined()) {
-        auto l = labels[i].to(lopts);
-        labs.push_back(torch::cat({l.narrow(0, 0, p), torch::full({n}, -100, lopts), l.narrow(0, p + 1, t - p - 1)}));
+    const int64_t p0 = starts_cpu[0].item<int64_t>();
+    if (starts_cpu.eq(p0).all().item<bool>()) {
+      // Every row's image token at the same position (a right-padded batch of one template): three slices of the
+      // whole batch instead of three per row.
+      auto lbl = labels.defined() ? labels.to(lopts) : torch::Tensor();
+      out.embeds = torch::cat({text.narrow(1, 0, p0), feats, text.narrow(1, p0 + 1, t - p0 - 1)}, 1);
+      out.attention_mask =
+          torch::cat({mask.narrow(1, 0, p0), torch::ones({b, n}, lopts), mask.narrow(1, p0 + 1, t - p0 - 1)}, 1);
+      if (labels.defined())
+        out.labels = torch::cat(
+            {lbl.narrow(1, 0, p0), torch::full({b, n}, -100, lopts), lbl.narrow(1, p0 + 1, t - p0 - 1)}, 1);
+      out.image_starts = starts;
+    } else {
+      std::vector<torch::Tensor> rows, masks, labs;
+      for (int64_t i = 0; i < b; ++i) {
+        int64_t p = starts_cpu[i].item<int64_t>();
+        rows.push_back(torch::cat({text[i].narrow(0, 0, p), feats[i], text[i].narrow(0, p + 1, t - p - 1)}, 0));
+        masks.push_back(torch::cat({mask[i].narrow(0, 0, p), torch::ones({n}, lopts), mask[i].narrow(0, p + 1, t - p - 1)}));
+        if (labels.defined()) {
+          auto l = labels[i].to(lopts);
+          labs.push_back(torch::cat({l.narrow(0, 0, p), torch::full({n}, -100, lopts), l.narrow(0, p + 1, t - p - 1)}));
+        }
       }
+      out.embeds = torch::stack(rows);
+      out.attention_mask = torch::stack(masks);
+      if (labels.defined()) out.labels = torch::stack(labs);
+      out.image_starts = starts;
     }
-    out.embeds = torch::stack(rows);
-    out.attention_mask = torch::stack(masks);
-    if (labels.defined()) out.labels = torch::stack(labs);
-    out.image_starts = starts;
   } else {
     TORCH_CHECK(counts.eq(0).all().item<bool>(), "Llava: input_ids hold image tokens (id ", image_token_id,
                 ") but no images were given");

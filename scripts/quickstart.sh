@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/build.sh
+EMT_TARGETS=emt_cli bash scripts/build.sh  # the emt program and its library only: no tests, no benchmarks
 start=$(date +%s)
 for d in mnist fashion-mnist synthetic; do
   case $d in

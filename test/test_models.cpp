@@ -246,6 +246,30 @@ TEST_CASE("positions come from the padding mask", "[models]") {
   CHECK(torch::equal(pos, torch::tensor({{0, 0, 0, 1, 2}, {0, 1, 2, 3, 0}}, torch::kLong)));
 }
 
+TEST_CASE("a batch with its image tokens at one position splices as its rows one at a time", "[models]") {
+  // the whole-batch path (same position everywhere) against the per-row path (one row: trivially the same
+  // position, so compared against rows of a batch whose positions differ)
+  auto model = tiny_llava(5);
+  torch::NoGradGuard ng;
+  auto feats = torch::randn({3, 4, 32});
+  auto ids = torch::tensor({{5, 47, 6, 7, 0}, {5, 47, 9, 10, 11}, {5, 47, 12, 0, 0}}, torch::kLong);
+  auto mask = torch::tensor({{1, 1, 1, 1, 0}, {1, 1, 1, 1, 1}, {1, 1, 1, 0, 0}}, torch::kLong);
+  auto labels = torch::tensor({{-100, -100, 6, 7, -100}, {-100, -100, 9, 10, 11}, {-100, -100, 12, -100, -100}},
+                              torch::kLong);
+  auto whole = model->splice(feats, ids, mask, labels);
+  for (int64_t i = 0; i < 3; ++i) {
+    // row i beside a row whose image token sits elsewhere: the per-row path
+    auto other = torch::tensor({{47, 5, 5, 5, 5}}, torch::kLong);
+    auto pair = model->splice(torch::cat({feats.narrow(0, i, 1), feats.narrow(0, 0, 1)}),
+                              torch::cat({ids.narrow(0, i, 1), other}), torch::cat({mask.narrow(0, i, 1), torch::ones({1, 5}, torch::kLong)}),
+                              torch::cat({labels.narrow(0, i, 1), torch::full({1, 5}, -100, torch::kLong)}));
+    CHECK(torch::equal(whole.embeds[i], pair.embeds[0]));
+    CHECK(torch::equal(whole.attention_mask[i], pair.attention_mask[0]));
+    CHECK(torch::equal(whole.labels[i], pair.labels[0]));
+  }
+  CHECK(torch::equal(whole.image_starts, torch::tensor({1, 1, 1}, torch::kLong)));
+}
+
 TEST_CASE("image embeddings are spliced at the placeholder with labels and masks", "[models]") {
   auto model = tiny_llava(5);
   torch::NoGradGuard ng;
