@@ -190,6 +190,9 @@ void bench_train(const Args& a) {
   apply_run_section(cfg.run);
   const int64_t vocab = cfg.model.llm.vocab_size, image_token = vocab - 1;
   const LlavaOptions lo = llava_options(cfg.model, image_token);
+  if (a.warmup < 1 || a.rounds < 1 || a.steps < 1)
+    throw ConfigError("[bench] --warmup, --rounds and --steps must be at least 1 (the first steps allocate the "
+                      "optimizer state)");
   if (a.text_tokens < a.answer_tokens + 2)
     throw ConfigError("[bench] --text-tokens must leave room for bos, the image token and the answer");
   // The batch: bos, the image token, prompt tokens, then the answer (supervised); no padding.
@@ -287,8 +290,6 @@ void bench_train(const Args& a) {
         if (round > 0) ref_ms[i].insert(ref_ms[i].end(), ms.begin(), ms.end());
       }
     });
-    if (a.warmup == 0)
-      throw ConfigError("[bench] --warmup must be at least 1 (the first steps allocate the optimizer state)");
     LlavaObjective objective(model, torch::kCPU);
     TrainableIO io;
     io.get = [&] { return trainable_tensors(*model, setup.prompt_embeddings); };
