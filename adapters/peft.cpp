@@ -4,6 +4,7 @@
 #include <emt/adapters/peft.h>
 #include <emt/core/error.h>
 #include <emt/core/runtime.h>
+#include "core/text.h"
 #include <torch/torch.h>
 
 #include <cmath>
@@ -28,11 +29,6 @@ bool under(const std::string& path, const std::string& root) {
                           path[root.size()] == '.');
 }
 
-std::string shape_str(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 torch::Tensor for_file(const torch::Tensor& t, const std::string& dtype) {
   auto out = t.detach().to(torch::kCPU);
@@ -63,11 +59,6 @@ void write_config(const std::string& dir, const json& j) {
 }
 
 // PEFT's name-list selection over module paths: equal, or a suffix at a '.' boundary.
-bool name_matches(const std::string& path, const std::string& name) {
-  return path == name || (path.size() > name.size() + 1 &&
-                          path.compare(path.size() - name.size(), name.size(), name) == 0 &&
-                          path[path.size() - name.size() - 1] == '.');
-}
 
 std::string regex_escape(const std::string& s) {
   static const std::string special = R"(\^$.|?*+()[]{})";
@@ -97,8 +88,8 @@ std::pair<json, json> peft_targets(const LoraConfig& cfg, const std::vector<std:
     std::set<std::string> picked;
     for (const auto& p : all_paths) {
       bool hit = false;
-      for (const auto& n : cfg.target_modules) hit = hit || name_matches(p, n);
-      for (const auto& n : cfg.exclude) hit = hit && !name_matches(p, n);
+      for (const auto& n : cfg.target_modules) hit = hit || detail::ends_with_component(p, n);
+      for (const auto& n : cfg.exclude) hit = hit && !detail::ends_with_component(p, n);
       if (hit) picked.insert(p);
     }
     if (picked == adapted) {
@@ -458,19 +449,19 @@ std::optional<LoraAttach> plan_lora_module(const std::string& fpath, const Adapt
   const auto& ia = reader.info(pr.key_a);
   const auto& ib = reader.info(pr.key_b);
   if (ia.shape.size() != 2 || ib.shape.size() != 2) {
-    problems.push_back("module '" + fpath + "': lora_A/lora_B must be 2-D (got " + shape_str(ia.shape) + " and " +
-                       shape_str(ib.shape) + ")");
+    problems.push_back("module '" + fpath + "': lora_A/lora_B must be 2-D (got " + detail::shape_str(ia.shape) + " and " +
+                       detail::shape_str(ib.shape) + ")");
     return std::nullopt;
   }
   const int64_t r = ia.shape[0];
   bool ok = true;
   if (ia.shape[1] != lin->options.in) {
-    problems.push_back("tensor '" + pr.key_a + "' has shape " + shape_str(ia.shape) + ", the layer needs [" +
+    problems.push_back("tensor '" + pr.key_a + "' has shape " + detail::shape_str(ia.shape) + ", the layer needs [" +
                        std::to_string(r) + ", " + std::to_string(lin->options.in) + "]");
     ok = false;
   }
   if (ib.shape[0] != lin->options.out || ib.shape[1] != r) {
-    problems.push_back("tensor '" + pr.key_b + "' has shape " + shape_str(ib.shape) + ", the layer needs [" +
+    problems.push_back("tensor '" + pr.key_b + "' has shape " + detail::shape_str(ib.shape) + ", the layer needs [" +
                        std::to_string(lin->options.out) + ", " + std::to_string(r) + "]");
     ok = false;
   }
@@ -547,8 +538,8 @@ LoadedAdapter load_lora_adapter(torch::nn::Module& model, const std::string& dir
     }
     const auto& info = reader.info(key);
     if (!at::IntArrayRef(info.shape).equals(p->sizes())) {
-      problems.push_back("tensor '" + key + "' has shape " + shape_str(info.shape) + ", the model's '" + name +
-                         "' is " + shape_str(p->sizes()));
+      problems.push_back("tensor '" + key + "' has shape " + detail::shape_str(info.shape) + ", the model's '" + name +
+                         "' is " + detail::shape_str(p->sizes()));
       continue;
     }
     full_plan.emplace_back(*p, key);
@@ -566,7 +557,7 @@ void save_prompt_adapter(const std::string& dir, const torch::Tensor& embeddings
                          const std::string& dtype) {
   if (!embeddings.defined() || embeddings.dim() != 2 || embeddings.size(0) == 0)
     throw ConfigError("[peft] save_prompt_adapter: embeddings must be [K, D] with K > 0 (got " +
-                      (embeddings.defined() ? shape_str(embeddings.sizes()) : std::string("undefined")) + ")");
+                      (embeddings.defined() ? detail::shape_str(embeddings.sizes()) : std::string("undefined")) + ")");
   if (meta.init != "random" && meta.init != "text")
     throw ConfigError("[peft] save_prompt_adapter: init must be random or text (got '" + meta.init + "')");
   json j = {
@@ -606,7 +597,7 @@ torch::Tensor load_prompt_adapter(const std::string& dir, int64_t expected_token
   } else {
     const auto& s = reader.info("prompt_embeddings").shape;
     if (s.size() != 2) {
-      problems.push_back("tensor 'prompt_embeddings' must be 2-D, got " + shape_str(s));
+      problems.push_back("tensor 'prompt_embeddings' must be 2-D, got " + detail::shape_str(s));
     } else {
       int64_t k = cfg.num_virtual_tokens * std::max<int64_t>(1, cfg.num_transformer_submodules);
       if (cfg.num_virtual_tokens > 0 && s[0] != k)
@@ -695,8 +686,8 @@ ProjectorNaming load_projector_file(torch::nn::Module& projector, const std::str
     namings.insert(static_cast<int>(it->second.second));
     const auto& shape = reader.info(key).shape;
     if (!at::IntArrayRef(shape).equals(params[n].sizes())) {
-      problems.push_back("tensor '" + key + "' has shape " + shape_str(shape) + ", the projector's '" + n +
-                         "' is " + shape_str(params[n].sizes()));
+      problems.push_back("tensor '" + key + "' has shape " + detail::shape_str(shape) + ", the projector's '" + n +
+                         "' is " + detail::shape_str(params[n].sizes()));
     }
     source[n] = key;
   }
@@ -727,7 +718,7 @@ std::string describe_adapter(const std::string& dir) {
     for (auto d : info.shape) count *= static_cast<uint64_t>(d);
     total += count;
     bytes += info.end - info.begin;
-    os << "  " << n << "  " << info.dtype << "  " << shape_str(info.shape) << "\n";
+    os << "  " << n << "  " << info.dtype << "  " << detail::shape_str(info.shape) << "\n";
   }
   os << "parameters: " << total << " (" << bytes << " bytes)\n";
   for (const auto& entry : fs::directory_iterator(dir)) {

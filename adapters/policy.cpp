@@ -6,6 +6,7 @@
 #include <emt/core/error.h>
 #include <emt/core/llava.h>
 #include <emt/core/tokenizer.h>
+#include "core/text.h"
 #include <torch/torch.h>
 
 #include <set>
@@ -19,9 +20,6 @@ const char* const kLlmRoot = "language_model";
 
 namespace {
 
-bool under(const std::string& path, const std::string& root) {
-  return path.size() > root.size() && path.compare(0, root.size(), root) == 0 && path[root.size()] == '.';
-}
 
 ComponentMode parse_mode(const std::string& s, const std::string& spec) {
   if (s == "frozen") return ComponentMode::Frozen;
@@ -31,17 +29,12 @@ ComponentMode parse_mode(const std::string& s, const std::string& spec) {
 }
 
 std::string component_of(const std::string& name) {
-  if (under(name, kVisionRoot)) return "vision";
-  if (under(name, kProjectorRoot)) return "projector";
-  if (under(name, kLlmRoot)) return "llm";
+  if (detail::strictly_under(name, kVisionRoot)) return "vision";
+  if (detail::strictly_under(name, kProjectorRoot)) return "projector";
+  if (detail::strictly_under(name, kLlmRoot)) return "llm";
   return "other";
 }
 
-std::string shape_str(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 const char* kPromptName = "prompt_embeddings";
 
@@ -164,7 +157,7 @@ TrainableSetup apply_training_policy(torch::nn::Module& model, const TrainingPol
     bool lora = is_lora_parameter(name);
     bool train = false;
     for (const auto& [mode, root] : comps) {
-      if (!under(name, root)) continue;
+      if (!detail::strictly_under(name, root)) continue;
       train = (mode == ComponentMode::Full && !lora) || (mode == ComponentMode::Lora && lora);
     }
     item.value().set_requires_grad(train);
@@ -200,7 +193,7 @@ TrainableSetup apply_training_policy(torch::nn::Module& model, const TrainingPol
     out.trainable += t.numel();
     const std::string& name = item.key();
     bool decay = t.dim() >= 2 && !(name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0);
-    bool in_proj = under(name, kProjectorRoot);
+    bool in_proj = detail::strictly_under(name, kProjectorRoot);
     (in_proj ? (decay ? proj : proj_nd) : (decay ? dflt : nd)).params.push_back(t);
   }
   if (out.prompt_embeddings.defined()) {
@@ -254,8 +247,8 @@ void load_trainable_tensors(torch::nn::Module& model, const NamedTensors& tensor
       continue;
     }
     if (!dst.sizes().equals(t.sizes())) {
-      problems.push_back("'" + name + "' has shape " + shape_str(t.sizes()) + ", the model's is " +
-                         shape_str(dst.sizes()));
+      problems.push_back("'" + name + "' has shape " + detail::shape_str(t.sizes()) + ", the model's is " +
+                         detail::shape_str(dst.sizes()));
       continue;
     }
     copies.emplace_back(dst, t);

@@ -48,7 +48,7 @@ void run_merge(const MergeArgs& a) {
                 a.adapter, a.model, a.out);
 }
 
-emt::cli::RegisterCommand reg([](CLI::App& root) {
+emt::cli::RegisterCommand register_adapters([](CLI::App& root) {
   auto* adapters = root.add_subcommand("adapters", "Inspect and merge PEFT adapters");
   adapters->require_subcommand(1);
 

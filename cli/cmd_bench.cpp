@@ -336,7 +336,7 @@ void bench_train(const Args& a) {
   fs::remove_all(dir, ec);
 }
 
-RegisterCommand reg([](CLI::App& root) {
+RegisterCommand register_bench([](CLI::App& root) {
   auto* bench = root.add_subcommand("bench", "Benchmarks that print figures side by side (medians, ratios)");
   bench->require_subcommand(1);
   auto* train = bench->add_subcommand(

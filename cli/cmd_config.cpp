@@ -6,7 +6,7 @@
 #include "commands.h"
 
 namespace {
-emt::cli::RegisterCommand reg([](CLI::App& root) {
+emt::cli::RegisterCommand register_config([](CLI::App& root) {
   auto* config = root.add_subcommand("config", "Inspect configurations");
   config->require_subcommand(1);
   auto* show = config->add_subcommand("show", "Print the resolved config (extends and key=value overrides applied)");

@@ -209,7 +209,7 @@ void show(const ShowArgs& a) {
   std::cout << fmt::format("{}: {} {} images of {} -> {}\n", name, images.size(), a.split, ds->size(), a.out);
 }
 
-emt::cli::RegisterCommand reg([](CLI::App& root) {
+emt::cli::RegisterCommand register_data([](CLI::App& root) {
   auto* data = root.add_subcommand("data", "Prepare and inspect datasets");
   data->require_subcommand(1);
 

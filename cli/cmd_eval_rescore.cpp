@@ -61,7 +61,7 @@ std::map<std::string, emt::LabelSet> label_sets_for(const EvalArgs& a) {
   return emt::eval_label_sets(names, cfg);
 }
 
-emt::cli::RegisterCommand reg([](CLI::App& root) {
+emt::cli::RegisterCommand register_eval_rescore([](CLI::App& root) {
   auto a = std::make_shared<EvalArgs>();
   auto* cmd = root.add_subcommand("eval", "Evaluate; --rescore RUN_DIR re-scores kept generations without a model");
   cmd->add_option("--rescore", a->rescore, "run directory whose predictions/ are re-scored");

@@ -91,7 +91,7 @@ void run_generate(const GenerateArgs& a) {
   std::cout << answer << "\n";
 }
 
-emt::cli::RegisterCommand reg([](CLI::App& root) {
+emt::cli::RegisterCommand register_generate([](CLI::App& root) {
   auto args = std::make_shared<GenerateArgs>();
   auto* cmd = root.add_subcommand("generate", "Answer a question about an image with a model directory or config");
   cmd->add_option("--model", args->model, "HF-layout model directory, or a YAML config (model.pretrained)")

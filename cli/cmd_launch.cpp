@@ -148,7 +148,7 @@ int launch(int nproc, int port, int grace_s, std::vector<std::string> command) {
   return first_failure;
 }
 
-RegisterCommand reg([](CLI::App& root) {
+RegisterCommand register_launch([](CLI::App& root) {
   auto* cmd = root.add_subcommand("launch", "Run N local data-parallel ranks of an emt command (Gloo/NCCL)");
   auto nproc = std::make_shared<int>(2);
   auto port = std::make_shared<int>(0);

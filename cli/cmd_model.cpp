@@ -40,7 +40,7 @@ void run_summary(const SummaryArgs& a) {
   std::cout << emt::format_model_summary(cfg.model, cfg.finetune, dtype, methods);
 }
 
-emt::cli::RegisterCommand reg([](CLI::App& root) {
+emt::cli::RegisterCommand register_model([](CLI::App& root) {
   auto* model = root.add_subcommand("model", "Inspect model shapes");
   model->require_subcommand(1);
   auto args = std::make_shared<SummaryArgs>();

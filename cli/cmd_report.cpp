@@ -15,7 +15,7 @@ struct ReportArgs {
   emt::ReportOptions opts;
 };
 
-emt::cli::RegisterCommand reg([](CLI::App& root) {
+emt::cli::RegisterCommand register_report([](CLI::App& root) {
   auto a = std::make_shared<ReportArgs>();
   auto* cmd = root.add_subcommand("report", "Tables, plots and report.html from one or more study run directories");
   cmd->add_option("runs", a->runs, "run directories (or results.jsonl files); later ones win on duplicate keys")

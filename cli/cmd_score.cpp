@@ -119,7 +119,7 @@ void run_score(const ScoreArgs& a) {
   std::cout << "results: " << (fs::path(out) / "results.jsonl").string() << "\n";
 }
 
-emt::cli::RegisterCommand reg([](CLI::App& root) {
+emt::cli::RegisterCommand register_score([](CLI::App& root) {
   auto args = std::make_shared<ScoreArgs>();
   auto* cmd = root.add_subcommand("score", "Score a model (optionally with an adapter) on every eval dataset");
   cmd->add_option("config", args->config, "YAML config")->required()->check(CLI::ExistingFile);

@@ -9,7 +9,7 @@
 #include "commands.h"
 
 namespace {
-emt::cli::RegisterCommand reg([](CLI::App& root) {
+emt::cli::RegisterCommand register_study([](CLI::App& root) {
   auto* cmd = root.add_subcommand("study", "Run the forgetting study (resumable: rerun to continue)");
   auto path = std::make_shared<std::string>();
   auto overrides = std::make_shared<std::vector<std::string>>();

@@ -212,7 +212,7 @@ int sweep_main(const SweepArgs& a) {
   return o.preempted.empty() ? 0 : emt::cli::kExitPreempted;
 }
 
-emt::cli::RegisterCommand reg([](CLI::App& root) {
+emt::cli::RegisterCommand register_sweep([](CLI::App& root) {
   auto a = std::make_shared<SweepArgs>();
   auto* cmd = root.add_subcommand("sweep", "Run a grid of studies locally, as a Slurm job array, or print it");
   cmd->add_option("sweep", a->file, "sweep file (docs/sweeps.md)")->required();

@@ -3,6 +3,7 @@
 #include <emt/core/dataset.h>
 #include <emt/core/error.h>
 #include <emt/core/log.h>
+#include "core/text.h"
 
 #include <torch/torch.h>
 
@@ -271,16 +272,11 @@ std::string replace_all(std::string s, const std::string& from, const std::strin
     s.replace(pos, from.size(), to);
   return s;
 }
-std::string join(const std::vector<std::string>& v, const std::string& sep) {
-  std::string out;
-  for (size_t i = 0; i < v.size(); ++i) out += (i ? sep : "") + v[i];
-  return out;
-}
 }  // namespace
 
 std::string dataset_question(const std::string& name, const DatasetConfig& cfg,
                              const std::vector<std::string>& class_names) {
-  const std::string labels = join(class_names, ", ");
+  const std::string labels = detail::join(class_names, ", ");
   if (!cfg.prompt.empty()) return replace_all(cfg.prompt, "{labels}", labels);
   if (is_digit_dataset(cfg, class_names))
     return "What is the number in the image? Please only answer a single number in 0, 1, 2, 3, 4, 5, 6, 7, 8, 9.";

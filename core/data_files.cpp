@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <emt/core/image.h>
 #include <emt/core/runtime.h>
+#include "core/text.h"
 
 #include <torch/torch.h>
 
@@ -64,10 +65,6 @@ bool is_image_file(const fs::path& p) {
   return exts.count(e) > 0;
 }
 
-std::string trim(const std::string& s) {
-  size_t a = s.find_first_not_of(" \t\r\n"), b = s.find_last_not_of(" \t\r\n");
-  return a == std::string::npos ? "" : s.substr(a, b - a + 1);
-}
 
 std::map<std::string, std::string> read_class_map(const std::string& path) {
   std::ifstream f(path);
@@ -75,13 +72,13 @@ std::map<std::string, std::string> read_class_map(const std::string& path) {
   std::map<std::string, std::string> m;
   std::string line;
   for (int ln = 1; std::getline(f, line); ++ln) {
-    line = trim(line);
+    line = detail::trim(line);
     if (line.empty() || line[0] == '#') continue;
     size_t sp = line.find_first_of(" \t,");
     if (sp == std::string::npos)
       throw FormatError(fmt::format("[data] {}:{}: expected 'folder name', got '{}'", path, ln, line));
-    std::string name = trim(line.substr(sp + 1));
-    if (!name.empty() && name[0] == ',') name = trim(name.substr(1));
+    std::string name = detail::trim(line.substr(sp + 1));
+    if (!name.empty() && name[0] == ',') name = detail::trim(name.substr(1));
     m[line.substr(0, sp)] = name;
   }
   return m;
@@ -213,7 +210,7 @@ ManifestRows read_manifest_rows(const std::string& path) {
   std::string line;
   int image_col = -1, label_col = -1;
   for (int ln = 1; std::getline(in, line); ++ln) {
-    if (trim(line).empty()) continue;
+    if (detail::trim(line).empty()) continue;
     if (jsonl) {
       json j;
       try {
@@ -236,20 +233,20 @@ ManifestRows read_manifest_rows(const std::string& path) {
     auto cells = split_csv_line(line, path, ln);
     if (image_col < 0) {
       for (size_t c = 0; c < cells.size(); ++c) {
-        std::string h = trim(cells[c]);
+        std::string h = detail::trim(cells[c]);
         std::transform(h.begin(), h.end(), h.begin(), [](unsigned char ch) { return std::tolower(ch); });
         if (image_col < 0 && std::count(kImageKeys.begin(), kImageKeys.end(), h)) image_col = static_cast<int>(c);
         if (label_col < 0 && std::count(kLabelKeys.begin(), kLabelKeys.end(), h)) label_col = static_cast<int>(c);
       }
       if (image_col < 0 || label_col < 0)
         throw FormatError(fmt::format("[data] {}:{}: CSV header must name an image column (image|path|filename|file) "
-                                      "and a label column (label|class), got '{}'", path, ln, trim(line)));
+                                      "and a label column (label|class), got '{}'", path, ln, detail::trim(line)));
       continue;
     }
     if (static_cast<int>(cells.size()) <= std::max(image_col, label_col))
       throw FormatError(fmt::format("[data] {}:{}: expected at least {} columns, got {}", path, ln,
                                     std::max(image_col, label_col) + 1, cells.size()));
-    out.rows.emplace_back(trim(cells[image_col]), trim(cells[label_col]));
+    out.rows.emplace_back(detail::trim(cells[image_col]), detail::trim(cells[label_col]));
     out.line.push_back(ln);
   }
   if (out.rows.empty()) throw FormatError(fmt::format("[data] {}: manifest has no samples", path));

@@ -7,6 +7,7 @@
 #include <emt/core/llava.h>
 #include <emt/core/runtime.h>
 #include <emt/core/safetensors.h>
+#include "core/text.h"
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -151,11 +152,6 @@ bool is_lora_key(const std::string& k) {
          k.find(".lora_dropout.") != std::string::npos;
 }
 
-std::string shape_str(c10::IntArrayRef s) {
-  std::ostringstream o;
-  o << s;
-  return o.str();
-}
 
 void ensure_dir(const std::string& dir) {
   std::error_code ec;
@@ -294,8 +290,8 @@ void load_state_strict(torch::nn::Module& module, const CheckpointReader& reader
     seen[key] = name;
     const auto& info = reader.info(name);
     if (c10::IntArrayRef(info.shape) != it->second.sizes()) {
-      problems.push_back("tensor '" + name + "' has shape " + shape_str(info.shape) + ", model expects " +
-                         shape_str(it->second.sizes()));
+      problems.push_back("tensor '" + name + "' has shape " + detail::shape_str(info.shape) + ", model expects " +
+                         detail::shape_str(it->second.sizes()));
       continue;
     }
     it->second.copy_(reader.load(name));  // converts dtype and device
@@ -303,7 +299,7 @@ void load_state_strict(torch::nn::Module& module, const CheckpointReader& reader
   for (auto& t : targets) {
     if (seen.count(t.first) || is_lora_key(t.first)) continue;
     if (std::find(optional_missing.begin(), optional_missing.end(), t.first) != optional_missing.end()) continue;
-    problems.push_back("missing tensor '" + t.first + "' (shape " + shape_str(t.second.sizes()) + ")");
+    problems.push_back("missing tensor '" + t.first + "' (shape " + detail::shape_str(t.second.sizes()) + ")");
   }
   if (!problems.empty()) {
     std::string msg = "[hf] " + source + ": " + std::to_string(problems.size()) + " problem(s) loading weights:";

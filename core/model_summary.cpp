@@ -3,6 +3,7 @@
 #include <emt/core/config.h>
 #include <emt/core/error.h>
 #include <emt/core/model_summary.h>
+#include "core/text.h"
 
 #include <fmt/format.h>
 
@@ -36,18 +37,13 @@ std::vector<NamedLinear> llm_linears(const LlmConfig& l) {
   return out;
 }
 
-bool name_matches(const std::string& path, const std::string& target) {
-  return path == target ||
-         (path.size() > target.size() && path.compare(path.size() - target.size(), target.size(), target) == 0 &&
-          path[path.size() - target.size() - 1] == '.');
-}
 
 bool lora_targets(const LoraConfig& c, const std::string& path) {
   for (auto& e : c.exclude)
     if (!e.empty() && path.find(e) != std::string::npos) return false;
   if (!c.target_regex.empty()) return std::regex_match(path, std::regex(c.target_regex));
   for (auto& t : c.target_modules)
-    if (t == "all-linear" || name_matches(path, t)) return true;
+    if (t == "all-linear" || detail::ends_with_component(path, t)) return true;
   return false;
 }
 

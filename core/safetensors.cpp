@@ -58,31 +58,31 @@ std::string base_name(const std::string& path) { return fs::path(path).filename(
   throw FormatError("[safetensors] " + file + ": " + msg);
 }
 
-std::string quoted(const std::string& name) { return "tensor '" + name + "'"; }
+std::string tensor_label(const std::string& name) { return "tensor '" + name + "'"; }
 
 TensorInfo parse_entry(const std::string& name, const json& v, uint64_t data_size, const std::string& file) {
-  if (!v.is_object()) fail(file, quoted(name) + " entry is not a JSON object (got " + v.type_name() + ")");
+  if (!v.is_object()) fail(file, tensor_label(name) + " entry is not a JSON object (got " + v.type_name() + ")");
   TensorInfo ti;
   ti.name = name;
 
   auto dt = v.find("dtype");
-  if (dt == v.end() || !dt->is_string()) fail(file, quoted(name) + " has no string 'dtype'");
+  if (dt == v.end() || !dt->is_string()) fail(file, tensor_label(name) + " has no string 'dtype'");
   ti.dtype = dt->get<std::string>();
   const DtypeEntry* d = find_dtype(ti.dtype);
   if (!d)
-    fail(file, quoted(name) + " has unsupported dtype '" + ti.dtype +
+    fail(file, tensor_label(name) + " has unsupported dtype '" + ti.dtype +
                    "' (expected F32, F16, BF16, F64, I64, I32, I16, I8, U8 or BOOL)");
 
   auto sh = v.find("shape");
-  if (sh == v.end() || !sh->is_array()) fail(file, quoted(name) + " has no list 'shape'");
+  if (sh == v.end() || !sh->is_array()) fail(file, tensor_label(name) + " has no list 'shape'");
   uint64_t numel = 1;
   bool overflow = false, has_zero = false;
   for (const auto& s : *sh) {
     if (!s.is_number_unsigned())
-      fail(file, quoted(name) + " has a shape entry that is not a non-negative integer (got " + s.dump() + ")");
+      fail(file, tensor_label(name) + " has a shape entry that is not a non-negative integer (got " + s.dump() + ")");
     uint64_t dim = s.get<uint64_t>();
     if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
-      fail(file, quoted(name) + " has shape entry " + std::to_string(dim) + " beyond int64");
+      fail(file, tensor_label(name) + " has shape entry " + std::to_string(dim) + " beyond int64");
     ti.shape.push_back(static_cast<int64_t>(dim));
     if (dim == 0) {
       has_zero = true;  // a 0 anywhere makes the tensor legal and empty, whatever the other dims say
@@ -93,23 +93,23 @@ TensorInfo parse_entry(const std::string& name, const json& v, uint64_t data_siz
   }
   if (has_zero) numel = 0, overflow = false;
   if (overflow || numel > std::numeric_limits<uint64_t>::max() / d->size)
-    fail(file, quoted(name) + " has a shape whose byte size overflows 64 bits");
+    fail(file, tensor_label(name) + " has a shape whose byte size overflows 64 bits");
   const uint64_t nbytes = numel * d->size;
 
   auto off = v.find("data_offsets");
   if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
       !(*off)[1].is_number_unsigned())
-    fail(file, quoted(name) + " needs 'data_offsets' as [begin, end] of non-negative integers");
+    fail(file, tensor_label(name) + " needs 'data_offsets' as [begin, end] of non-negative integers");
   ti.begin = (*off)[0].get<uint64_t>();
   ti.end = (*off)[1].get<uint64_t>();
   if (ti.begin > ti.end)
-    fail(file, quoted(name) + " has data_offsets begin " + std::to_string(ti.begin) + " > end " +
+    fail(file, tensor_label(name) + " has data_offsets begin " + std::to_string(ti.begin) + " > end " +
                    std::to_string(ti.end));
   if (ti.end > data_size)
-    fail(file, quoted(name) + " ends at byte " + std::to_string(ti.end) + " but the data buffer has " +
+    fail(file, tensor_label(name) + " ends at byte " + std::to_string(ti.end) + " but the data buffer has " +
                    std::to_string(data_size) + " bytes");
   if (ti.end - ti.begin != nbytes)
-    fail(file, quoted(name) + " needs " + std::to_string(nbytes) + " bytes, data_offsets span " +
+    fail(file, tensor_label(name) + " needs " + std::to_string(nbytes) + " bytes, data_offsets span " +
                    std::to_string(ti.end - ti.begin));
   return ti;
 }
@@ -132,9 +132,9 @@ struct Prepared {
 };
 
 Prepared prepare(const std::string& name, const torch::Tensor& tensor, const std::string& file) {
-  if (!tensor.defined()) fail(file, quoted(name) + " is undefined");
+  if (!tensor.defined()) fail(file, tensor_label(name) + " is undefined");
   const DtypeEntry* d = find_dtype(tensor.scalar_type());
-  if (!d) fail(file, quoted(name) + " has dtype " + std::string(c10::toString(tensor.scalar_type())) +
+  if (!d) fail(file, tensor_label(name) + " has dtype " + std::string(c10::toString(tensor.scalar_type())) +
                          ", which safetensors cannot store here");
   torch::Tensor t = tensor.detach().to(torch::kCPU).contiguous();
   return {name, t, d, static_cast<uint64_t>(t.numel()) * d->size};
@@ -184,7 +184,7 @@ std::vector<Prepared> prepare_all(const NamedTensors& tensors, const std::string
   std::set<std::string> seen;
   for (const auto& [name, t] : tensors) {
     if (name == "__metadata__") fail(file, "'__metadata__' is reserved and cannot name a tensor");
-    if (!seen.insert(name).second) fail(file, quoted(name) + " appears twice");
+    if (!seen.insert(name).second) fail(file, tensor_label(name) + " appears twice");
     out.push_back(prepare(name, t, file));
   }
   return out;
@@ -221,8 +221,8 @@ std::vector<TensorInfo> parse_safetensors_header(const std::string& text, uint64
   for (const auto& t : out) {
     if (t.begin == t.end) continue;
     if (prev && t.begin < prev->end)
-      fail(file, quoted(t.name) + " [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                     ") overlaps " + quoted(prev->name) + " [" + std::to_string(prev->begin) + ", " +
+      fail(file, tensor_label(t.name) + " [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                     ") overlaps " + tensor_label(prev->name) + " [" + std::to_string(prev->begin) + ", " +
                      std::to_string(prev->end) + ")");
     prev = &t;
   }
@@ -283,7 +283,7 @@ bool SafetensorsReader::contains(const std::string& name) const { return tensors
 
 const TensorInfo& SafetensorsReader::info(const std::string& name) const {
   auto it = tensors_.find(name);
-  if (it == tensors_.end()) fail(path_, "no " + quoted(name));
+  if (it == tensors_.end()) fail(path_, "no " + tensor_label(name));
   return it->second;
 }
 
@@ -362,23 +362,23 @@ CheckpointReader::CheckpointReader(const std::string& dir_or_file) {
   std::map<std::string, size_t> file_slot;
   const fs::path dir = index.parent_path();
   for (auto it = wm->begin(); it != wm->end(); ++it) {
-    if (!it->is_string()) fail(ifile, "weight_map entry for " + quoted(it.key()) + " is not a file name");
+    if (!it->is_string()) fail(ifile, "weight_map entry for " + tensor_label(it.key()) + " is not a file name");
     const std::string shard = it->get<std::string>();
     fs::path sp(shard);
     if (shard.empty() || sp.is_absolute() || sp.filename() != sp)
-      fail(ifile, "weight_map entry for " + quoted(it.key()) + " names '" + shard +
+      fail(ifile, "weight_map entry for " + tensor_label(it.key()) + " names '" + shard +
                       "', expected a file name in the same directory");
     auto slot = file_slot.find(shard);
     if (slot == file_slot.end()) {
       const fs::path full = dir / sp;
       if (!fs::is_regular_file(full, ec))
-        throw IoError("[safetensors] " + ifile + ": shard '" + shard + "' (for " + quoted(it.key()) +
+        throw IoError("[safetensors] " + ifile + ": shard '" + shard + "' (for " + tensor_label(it.key()) +
                       ") does not exist");
       files_.push_back(std::make_unique<SafetensorsReader>(full.string()));
       slot = file_slot.emplace(shard, files_.size() - 1).first;
     }
     if (!files_[slot->second]->contains(it.key()))
-      fail(ifile, "weight_map puts " + quoted(it.key()) + " in '" + shard + "', which has no such tensor");
+      fail(ifile, "weight_map puts " + tensor_label(it.key()) + " in '" + shard + "', which has no such tensor");
     where_[it.key()] = slot->second;
   }
 }
@@ -395,7 +395,7 @@ std::string CheckpointReader::file_of(const std::string& name) const {
   auto it = where_.find(name);
   if (it == where_.end()) {
     std::string src = files_.empty() ? std::string("checkpoint") : files_[0]->path();
-    fail(src, "checkpoint has no " + quoted(name));
+    fail(src, "checkpoint has no " + tensor_label(name));
   }
   return files_[it->second]->path();
 }

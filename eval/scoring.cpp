@@ -4,6 +4,7 @@
 #include <emt/core/runtime.h>
 #include <emt/eval/metrics.h>
 #include <emt/eval/scoring.h>
+#include "core/text.h"
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <poll.h>
@@ -122,12 +123,6 @@ const std::map<std::string, std::vector<std::string>>& fashion_aliases() {
   return m;
 }
 
-std::string trim(const std::string& s) {
-  size_t a = s.find_first_not_of(" \t\r\n");
-  if (a == std::string::npos) return "";
-  size_t b = s.find_last_not_of(" \t\r\n");
-  return s.substr(a, b - a + 1);
-}
 
 bool all_digits(const std::string& w) {
   return !w.empty() && std::all_of(w.begin(), w.end(), [](char c) { return c >= '0' && c <= '9'; });
@@ -175,8 +170,8 @@ LabelSet make_label_set(const std::vector<std::string>& class_names, const std::
 
   for (const auto& spec : aliases) {
     size_t eq = spec.find('=');
-    std::string alias = eq == std::string::npos ? "" : trim(spec.substr(0, eq));
-    std::string target = eq == std::string::npos ? "" : trim(spec.substr(eq + 1));
+    std::string alias = eq == std::string::npos ? "" : detail::trim(spec.substr(0, eq));
+    std::string target = eq == std::string::npos ? "" : detail::trim(spec.substr(eq + 1));
     if (alias.empty() || target.empty())
       throw ConfigError(fmt::format("[scoring] alias '{}': expected 'alias=label' with both sides non-empty", spec));
     auto it = by_name.find(join_words(match_words(target)));
@@ -282,7 +277,7 @@ std::string judge_question(const std::string& label, const std::string& predicti
 namespace {
 
 std::string clip_text(const std::string& s, size_t max = 300) {
-  std::string t = trim(s);
+  std::string t = detail::trim(s);
   return t.size() <= max ? t : t.substr(0, max) + "...";
 }
 
@@ -376,7 +371,7 @@ ChildOutput run_with_pipes(const std::string& command, const std::string& input)
 }  // namespace
 
 bool judge_says_yes(const std::string& command, const std::string& label, const std::string& prediction) {
-  if (trim(command).empty()) throw ConfigError("[judge] empty judge command (eval.judge_command)");
+  if (detail::trim(command).empty()) throw ConfigError("[judge] empty judge command (eval.judge_command)");
   nlohmann::ordered_json q;
   q["question"] = judge_question(label, prediction);
   q["label"] = label;
@@ -471,7 +466,7 @@ std::map<std::string, std::vector<std::string>> class_names_from_predictions(con
   for (const auto& f : list_prediction_files(run_dir)) {
     auto lines = read_lines(f.path.string());
     for (size_t i = 0; i < lines.size(); ++i) {
-      if (trim(lines[i]).empty()) continue;
+      if (detail::trim(lines[i]).empty()) continue;
       std::string where = fmt::format("{}:{}", f.path.string(), i + 1);
       auto j = parse_json_line(lines[i], where);
       int64_t label = field<int64_t>(j, "label", where);
@@ -511,7 +506,7 @@ std::vector<ResultRow> rescore_file(const PredFile& f, const RescoreOptions& opt
   bool file_changed = false;
   std::string rewritten;
   for (size_t i = 0; i < lines.size(); ++i) {
-    if (trim(lines[i]).empty()) continue;
+    if (detail::trim(lines[i]).empty()) continue;
     std::string where = fmt::format("{}:{}", f.path.string(), i + 1);
     auto j = parse_json_line(lines[i], where);
     if (!cell_known) {
@@ -598,7 +593,7 @@ void rewrite_results(const std::string& run_dir, std::map<std::string, ResultRow
   if (fs::exists(results_path)) {
     auto lines = read_lines(results_path);
     for (size_t i = 0; i < lines.size(); ++i) {
-      if (trim(lines[i]).empty()) continue;
+      if (detail::trim(lines[i]).empty()) continue;
       std::string where = fmt::format("{}:{}", results_path, i + 1);
       ResultRow row = parse_result_line(lines[i], where);
       auto it = fresh.find(row.key());

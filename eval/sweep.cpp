@@ -203,7 +203,7 @@ std::string slurm_array_spec(const std::vector<int64_t>& indices) {
 }
 
 namespace {
-std::string quoted(const std::string& s) {
+std::string shell_quote(const std::string& s) {
   std::string out = "'";
   for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
   return out + "'";
@@ -235,7 +235,7 @@ std::string sweep_array_script(const Sweep& s, const std::vector<int64_t>& indic
   o << "# Written by emt sweep for " << s.file << ": one array task per unfinished grid point.\n"
     << "# A preemption notice (USR1) reaches emt, which checkpoints and exits 75; the task then requeues itself.\n"
     << "set -uo pipefail\n"
-    << quoted(emt_exe) << " sweep " << quoted(s.file) << " --run-task \"$SLURM_ARRAY_TASK_ID\" &\n"
+    << shell_quote(emt_exe) << " sweep " << shell_quote(s.file) << " --run-task \"$SLURM_ARRAY_TASK_ID\" &\n"
     << "PID=$!\n"
     << "trap 'kill -USR1 $PID' USR1 TERM\n"
     << "wait $PID; RC=$?\n"
@@ -253,7 +253,7 @@ std::string sweep_report_script(const Sweep& s, const std::string& emt_exe) {
   o << sbatch_header(s, s.name + "-report", (fs::path(s.root()) / "slurm-report-%j.out").string());
   o << "# Runs after the array (afterany): the report over every finished task of " << s.file << ".\n"
     << "set -euo pipefail\n"
-    << "exec " << quoted(emt_exe) << " sweep " << quoted(s.file) << " --report-only\n";
+    << "exec " << shell_quote(emt_exe) << " sweep " << shell_quote(s.file) << " --report-only\n";
   return o.str();
 }
 

@@ -3,7 +3,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <sys/wait.h>
+#include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 
 namespace emt_test {
@@ -37,5 +40,20 @@ inline CmdResult run_cli_env(const std::string& env, const std::string& args) {
 }
 
 inline CmdResult run_cli(const std::string& args) { return run_cli_env("", args); }
+
+// The bytes of a file ("" when it cannot be read) and a file with exactly `bytes`.
+inline std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+inline void spit(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+// A big-endian 32-bit integer (IDX headers).
+inline void put_be32(std::ofstream& f, uint32_t v) {
+  for (int s = 24; s >= 0; s -= 8) f.put(static_cast<char>((v >> s) & 0xff));
+}
 
 }  // namespace emt_test

@@ -11,6 +11,9 @@
 #include <set>
 
 #include "helpers.h"
+#include "test_adapters_fake.h"
+
+using emt_test::max_abs_diff;
 
 namespace {
 
@@ -30,13 +33,13 @@ emt::LlavaModel tiny(uint64_t seed = 11) {
   return model;
 }
 
-struct Batch {
+struct LlavaBatch {
   torch::Tensor images, ids, labels;
 };
 
-Batch batch() {
+LlavaBatch batch() {
   torch::manual_seed(99);
-  Batch b;
+  LlavaBatch b;
   b.images = torch::rand({2, 3, 28, 28});
   b.ids = torch::randint(1, 500, {2, 7}, torch::kLong);
   b.ids.index_put_({torch::indexing::Slice(), 2}, kImageToken);
@@ -45,12 +48,10 @@ Batch batch() {
   return b;
 }
 
-torch::Tensor logits(emt::LlavaModel& m, const Batch& b) {
+torch::Tensor logits(emt::LlavaModel& m, const LlavaBatch& b) {
   torch::NoGradGuard ng;
   return m->forward(b.images, b.ids, {}).logits;
 }
-
-double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
 emt::FinetuneSection lora_ft() {
   emt::FinetuneSection ft;

@@ -18,7 +18,7 @@ std::string write(const std::string& dir, const std::string& name, const std::st
   std::ofstream(p) << text;
   return p.string();
 }
-std::string error_of(const std::function<void()>& f) {
+std::string config_error_of(const std::function<void()>& f) {
   try {
     f();
   } catch (const ConfigError& e) {
@@ -40,13 +40,13 @@ TEST_CASE("config: defaults load and validate", "[config]") {
 TEST_CASE("config: typo gets file:line:col, the dotted key and a suggestion", "[config]") {
   auto dir = emt_test::scratch_dir("config_typo");
   auto path = write(dir, "bad.yaml", "finetune:\n  method: lora\n  learnig_rate: 1e-4\n");
-  auto msg = error_of([&] { emt::load_config(path); });
+  auto msg = config_error_of([&] { emt::load_config(path); });
   CHECK_THAT(msg, Catch::Contains(path + ":3:3: finetune.learnig_rate: unknown key"));
   CHECK_THAT(msg, Catch::Contains("did you mean 'learning_rate'?"));
 }
 
 TEST_CASE("config: every problem is reported at once", "[config]") {
-  auto msg = error_of([] {
+  auto msg = config_error_of([] {
     emt::load_config_string("run:\n  threads: many\nfinetune:\n  epocs: 3\n  batch_size: -1\n", {}, "two.yaml");
   });
   CHECK_THAT(msg, Catch::Contains("two.yaml:2:12: run.threads: expected an integer (got many)"));
@@ -56,7 +56,7 @@ TEST_CASE("config: every problem is reported at once", "[config]") {
 }
 
 TEST_CASE("config: cross-field rules name the key and where it was set", "[config]") {
-  auto msg = error_of([] {
+  auto msg = config_error_of([] {
     emt::load_config_string(
         "model:\n  llm:\n    hidden_size: 96\n    num_heads: 5\nfinetune:\n  batch_size: 0\n  dataset: nope\n", {},
         "x.yaml");
@@ -113,7 +113,7 @@ TEST_CASE("config: each validation rule throws", "[config]") {
     std::vector<std::string> ovs = {ov};
     if (ov.rfind("data.datasets.d.", 0) == 0 && ov.find(".path") == std::string::npos)
       ovs.insert(ovs.begin(), "data.datasets.d.path=x");
-    auto msg = error_of([&] { emt::load_config_string("", ovs); });
+    auto msg = config_error_of([&] { emt::load_config_string("", ovs); });
     CHECK_THAT(msg, Catch::Contains(key + ":"));
   }
 }
@@ -133,12 +133,12 @@ TEST_CASE("config: extends cycles and missing bases are errors", "[config]") {
   auto dir = emt_test::scratch_dir("config_cycle");
   write(dir, "a.yaml", "extends: b.yaml\n");
   auto b = write(dir, "b.yaml", "extends: a.yaml\n");
-  CHECK_THAT(error_of([&] { emt::load_config(b); }), Catch::Contains("cycle"));
+  CHECK_THAT(config_error_of([&] { emt::load_config(b); }), Catch::Contains("cycle"));
   auto m = write(dir, "m.yaml", "extends: nothere.yaml\n");
-  CHECK_THAT(error_of([&] { emt::load_config(m); }), Catch::Contains("file not found"));
-  CHECK_THAT(error_of([&] { emt::load_config(dir + "/absent.yaml"); }), Catch::Contains("not found"));
+  CHECK_THAT(config_error_of([&] { emt::load_config(m); }), Catch::Contains("file not found"));
+  CHECK_THAT(config_error_of([&] { emt::load_config(dir + "/absent.yaml"); }), Catch::Contains("not found"));
   auto syn = write(dir, "syntax.yaml", "run: [\n");
-  CHECK_THAT(error_of([&] { emt::load_config(syn); }), Catch::Contains("YAML syntax error"));
+  CHECK_THAT(config_error_of([&] { emt::load_config(syn); }), Catch::Contains("YAML syntax error"));
 }
 
 TEST_CASE("config: overrides use dotted keys, lists and maps, with the same checks", "[config]") {
@@ -150,10 +150,10 @@ TEST_CASE("config: overrides use dotted keys, lists and maps, with the same chec
   CHECK(c.eval.datasets == std::vector<std::string>{"mnist"});
   CHECK(c.finetune.lora.target_modules == std::vector<std::string>{"q_proj"});
   CHECK(c.study.seeds == std::vector<int64_t>{1, 2});
-  auto msg = error_of([] { emt::load_config_string("", {"finetune.lernin_rate=1"}); });
+  auto msg = config_error_of([] { emt::load_config_string("", {"finetune.lernin_rate=1"}); });
   CHECK_THAT(msg, Catch::Contains("command line 'finetune.lernin_rate=1': finetune.lernin_rate: unknown key"));
-  CHECK_THAT(error_of([] { emt::load_config_string("", {"novalue"}); }), Catch::Contains("expected dotted.key=value"));
-  CHECK_THAT(error_of([] { emt::load_config_string("", {"finetune.epochs=three"}); }),
+  CHECK_THAT(config_error_of([] { emt::load_config_string("", {"novalue"}); }), Catch::Contains("expected dotted.key=value"));
+  CHECK_THAT(config_error_of([] { emt::load_config_string("", {"finetune.epochs=three"}); }),
              Catch::Contains("expected an integer (got three)"));
 }
 

@@ -24,15 +24,11 @@
 #include "expect_error.h"
 #include "helpers.h"
 
+using emt_test::put_be32;
+
 namespace fs = std::filesystem;
 
 namespace {
-
-void put_be32(std::ofstream& f, uint32_t v) {
-  unsigned char b[4] = {static_cast<unsigned char>(v >> 24), static_cast<unsigned char>(v >> 16),
-                        static_cast<unsigned char>(v >> 8), static_cast<unsigned char>(v)};
-  f.write(reinterpret_cast<char*>(b), 4);
-}
 
 // Four classes of 28x28 grey images: a bright 10x10 block in one of the four quadrants, plus deterministic noise.
 void write_idx_split(const fs::path& dir, const std::string& prefix, int n) {

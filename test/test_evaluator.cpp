@@ -23,6 +23,8 @@
 #include "test/test_tokenizer_fake.h"
 #include "test/test_models_common.h"
 
+using emt_test::slurp;
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -206,8 +208,6 @@ std::vector<nlohmann::json> read_jsonl(const std::string& path) {
     if (!line.empty()) v.push_back(nlohmann::json::parse(line));
   return v;
 }
-
-std::string slurp(const std::string& path) { return emt::read_file(path); }
 
 struct Fixture {
   std::string dir;

@@ -27,8 +27,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct Fixture {
-  explicit Fixture(const std::string& name) : reader(model_fixture(name)), file(model_fixture(name)) {
+struct HfFixture {
+  explicit HfFixture(const std::string& name) : reader(model_fixture(name)), file(model_fixture(name)) {
     config = nlohmann::json::parse(file.metadata().at("config"));
   }
   torch::Tensor operator[](const std::string& n) const { return file.load(n); }
@@ -44,7 +44,7 @@ struct Fixture {
 };
 
 // Writes the fixture's config.json + weights as an HF directory (how real downloads look).
-std::string fixture_as_hf_dir(const Fixture& fx, const std::string& name) {
+std::string fixture_as_hf_dir(const HfFixture& fx, const std::string& name) {
   auto dir = emt_test::scratch_dir(name);
   std::ofstream(dir + "/config.json") << fx.config.dump(2);
   emt::NamedTensors t;
@@ -57,7 +57,7 @@ std::string fixture_as_hf_dir(const Fixture& fx, const std::string& name) {
 }  // namespace
 
 TEST_CASE("CLIP vision and text match the reference goldens", "[models]") {
-  Fixture fx("clip.safetensors");
+  HfFixture fx("clip.safetensors");
   auto dir = fixture_as_hf_dir(fx, "models_clip_golden");
   auto clip = emt::load_clip(dir);
   clip->eval();
@@ -82,7 +82,7 @@ TEST_CASE("CLIP vision and text match the reference goldens", "[models]") {
 }
 
 TEST_CASE("LLaMA matches the reference golden", "[models]") {
-  Fixture fx("llama.safetensors");
+  HfFixture fx("llama.safetensors");
   auto dir = fixture_as_hf_dir(fx, "models_llama_golden");
   auto llm = emt::load_llama(dir);
   llm->eval();
@@ -109,7 +109,7 @@ TEST_CASE("LLaMA matches the reference golden", "[models]") {
 }
 
 TEST_CASE("LLaVA matches the reference golden", "[models]") {
-  Fixture fx("llava.safetensors");
+  HfFixture fx("llava.safetensors");
   auto m = tiny_model_section();
   auto model = emt::build_llava(m, fx.config["image_token_index"].get<int64_t>());
   fx.load_into(*model);

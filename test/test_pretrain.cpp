@@ -14,14 +14,15 @@
 
 #include "test/helpers.h"
 
+using emt_test::put_be32;
+
 namespace fs = std::filesystem;
-using namespace emt;
+
+// Inside namespace emt rather than `using namespace emt`: the directive would reach the files compiled after this
+// one in a unity batch.
+namespace emt {
 
 namespace {
-
-void put_be32(std::ofstream& o, uint32_t v) {
-  for (int s = 24; s >= 0; s -= 8) o.put(static_cast<char>((v >> s) & 0xff));
-}
 
 // IDX files of n 28x28 images: a bright blob on a dark background, label i % classes.
 void write_idx(const fs::path& dir, const std::string& prefix, int n, int classes) {
@@ -281,3 +282,5 @@ TEST_CASE("no pretraining text contains a study prompt or answer (built-in datas
     }
   }
 }
+
+}  // namespace emt

@@ -20,16 +20,11 @@
 
 #include "test/helpers.h"
 
+using emt_test::slurp;
+
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 // 2 methods x 2 fine-tune datasets x 3 epochs x 3 eval datasets + base + CLIP rows. Accuracy (%):
 // base mnist 90, cifar10 80, shapes 70; the fine-tuned dataset gains 2 per epoch; every other dataset loses

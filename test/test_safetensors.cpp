@@ -13,21 +13,14 @@
 #include "test/expect_error.h"
 #include "test/helpers.h"
 
+using emt_test::slurp;
+using emt_test::spit;
+
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
 using emt_test::error_of;
 
 namespace {
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
-void spit(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 
 std::string u64le(uint64_t v) {
   std::string s;

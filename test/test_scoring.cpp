@@ -14,6 +14,8 @@
 
 #include "test/helpers.h"
 
+using emt_test::slurp;
+
 namespace {
 
 std::vector<std::string> digit_names() {
@@ -37,12 +39,6 @@ std::vector<std::string> objects60() {
 void write_text(const std::string& path, const std::string& s) {
   std::filesystem::create_directories(std::filesystem::path(path).parent_path());
   std::ofstream(path) << s;
-}
-std::string slurp(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
 }
 std::string make_script(const std::string& dir, const std::string& name, const std::string& body) {
   std::string p = dir + "/" + name;

@@ -14,6 +14,8 @@
 #include "test/expect_error.h"
 #include "test/helpers.h"
 
+using emt_test::spit;
+
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
 using emt_test::error_of;
@@ -51,7 +53,7 @@ emt::SentencePieceTrainOptions train_opts() {
 }
 
 // One trained model shared by the tests in this file (training is deterministic, so sharing hides nothing).
-const std::string& trained_model() {
+const std::string& trained_spm_model() {
   // One model per test process: CTest runs the test cases of this file in parallel processes, which must not
   // retrain (and truncate) a model another one is reading.
   static const std::string path = [] {
@@ -61,8 +63,6 @@ const std::string& trained_model() {
   }();
   return path;
 }
-
-void spit(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
 
 const std::vector<std::string> kSentences = {
     "The object is a(n) horse.",
@@ -78,7 +78,7 @@ TEST_CASE("sentencepiece trains and round trips in the same process as LibTorch"
   torch::Tensor x = torch::arange(16, torch::kFloat32).reshape({4, 4});
   CHECK(torch::equal(torch::mm(x, torch::eye(4)), x));
 
-  auto tok = emt::load_sentencepiece(trained_model());
+  auto tok = emt::load_sentencepiece(trained_spm_model());
   CHECK(tok->vocab_size() == 200);
   CHECK(tok->bos_id() == 1);
   CHECK(tok->eos_id() == 2);
@@ -102,7 +102,7 @@ TEST_CASE("sentencepiece trains and round trips in the same process as LibTorch"
 }
 
 TEST_CASE("sentencepiece special tokens map to one id and round trip", "[tokenizer]") {
-  auto tok = emt::load_sentencepiece(trained_model());
+  auto tok = emt::load_sentencepiece(trained_spm_model());
   const int64_t image = tok->add_special_token("<image>");  // a user-defined symbol of the model
   CHECK(image > 2);
   CHECK(image < 200);
@@ -144,7 +144,7 @@ TEST_CASE("sentencepiece training is deterministic", "[tokenizer]") {
   emt::train_sentencepiece(corpus, dir + "/b", train_opts());
   auto a = emt::load_sentencepiece(dir + "/a.model");
   auto b = emt::load_sentencepiece(dir + "/b.model");
-  auto ref = emt::load_sentencepiece(trained_model());
+  auto ref = emt::load_sentencepiece(trained_spm_model());
   REQUIRE(a->vocab_size() == b->vocab_size());
   for (const auto& s : kSentences) {
     CHECK(a->encode(s) == b->encode(s));
@@ -187,7 +187,7 @@ TEST_CASE("sentencepiece load and train errors name the path", "[tokenizer]") {
 
 TEST_CASE("load_hf_tokenizer: the original LLaVA's <im_patch> stands for <image>", "[tokenizer]") {
   const std::string dir = emt_test::scratch_dir("tok_llava_v0");
-  fs::copy_file(trained_model(), dir + "/tokenizer.model");
+  fs::copy_file(trained_spm_model(), dir + "/tokenizer.model");
   spit(dir + "/added_tokens.json", R"({"<im_patch>": 200, "<im_start>": 201, "<im_end>": 202})");
   auto tok = emt::load_hf_tokenizer(dir);
   CHECK(tok->special_token_id("<image>") == 200);
@@ -202,7 +202,7 @@ TEST_CASE("load_hf_tokenizer: the original LLaVA's <im_patch> stands for <image>
 
 TEST_CASE("load_hf_tokenizer honours added token ids", "[tokenizer]") {
   const std::string dir = emt_test::scratch_dir("tok_hf");
-  fs::copy_file(trained_model(), dir + "/tokenizer.model");
+  fs::copy_file(trained_spm_model(), dir + "/tokenizer.model");
   // LLaVA-1.5 style: ids right after the model's vocabulary, given in two files.
   spit(dir + "/added_tokens.json", R"({"<img>": 200, "<pad>": 201})");
   spit(dir + "/tokenizer_config.json", R"({"add_bos_token": true, "added_tokens_decoder": {

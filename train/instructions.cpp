@@ -2,6 +2,7 @@
 // check that none of them is a study's prompt or answer.
 #include <emt/core/error.h>
 #include <emt/train/instructions.h>
+#include "core/text.h"
 #include <fmt/format.h>
 
 #include <torch/torch.h>
@@ -65,11 +66,6 @@ std::string capitalised(std::string s) {
   return s;
 }
 
-std::string join(const std::vector<std::string>& v, const std::string& sep) {
-  std::string out;
-  for (const auto& x : v) out += (out.empty() ? "" : sep) + x;
-  return out;
-}
 
 // The correct option plus `extra` distractors from `vocab`, shuffled.
 std::vector<std::string> options(Draw& d, const std::string& correct, std::vector<std::string> vocab, int64_t extra) {
@@ -115,7 +111,7 @@ std::string render_options(Draw& d, std::vector<std::string>& opts, const std::s
 // A multiple-choice instruction in one of three phrasings.
 std::string choice_question(Draw& d, const std::string& lead, const std::string& kind_word,
                             const std::vector<std::string>& opts) {
-  const std::string list = join(opts, ", ");
+  const std::string list = detail::join(opts, ", ");
   switch (d.below(3)) {
     case 0: return lead + " Please only answer a single " + kind_word + " in " + list + ".";
     case 1: return lead + " Choose one of: " + list + ".";
@@ -369,8 +365,8 @@ struct InstructionDataset::Planner {
     std::vector<std::string> w;
     for (int64_t k = 0, n = 2 + d.below(5); k < n; ++k) w.push_back(d.pick(ds.opts_.words));
     p.question = d.pick(std::vector<std::string>{"Repeat these words:", "Write these words again:",
-                                                 "Copy the following words:"}) + " " + join(w, " ") + ".";
-    p.answer = join(w, " ") + ".";
+                                                 "Copy the following words:"}) + " " + detail::join(w, " ") + ".";
+    p.answer = detail::join(w, " ") + ".";
   }
 
   // One true attribute word among false ones of every attribute: the list, not the lead, says what is asked.
@@ -465,7 +461,7 @@ std::vector<std::string> study_texts(const RunConfig& cfg,
       throw ConfigError(fmt::format("[pretrain] study texts: '{}' is not in data.datasets", name));
     const DatasetConfig& dc = it->second;
     add(dataset_question(name, dc, names));
-    if (names.size() >= 3) add(join(names, ", "));  // the label list itself, wherever it would appear
+    if (names.size() >= 3) add(detail::join(names, ", "));  // the label list itself, wherever it would appear
     for (const auto& n : names) add(answer_text(dc, n));
     const auto at = dc.answer.find("{label}");
     if (at != std::string::npos && at >= 6) add(dc.answer.substr(0, at));  // "The object is a(n) "
@@ -500,7 +496,7 @@ std::vector<std::string> study_text_leaks(
       std::vector<std::string> hit;
       for (const auto& c : names)
         if (listed(q, c)) hit.push_back(c);
-      if (hit.size() >= 2) why = "lists " + join(hit, ", ") + " of '" + name + "'";
+      if (hit.size() >= 2) why = "lists " + detail::join(hit, ", ") + " of '" + name + "'";
     }
     if (!why.empty()) leaks.push_back(ds.source(i) + ": '" + q + "' -> '" + a + "' " + why);
   }
