@@ -23,6 +23,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "bench.h"
 #include "commands.h"
 
 namespace emt::cli {
@@ -30,77 +31,8 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// A reference process: the spec on its command line, "run N" on stdin, "ok MS..." on stdout.
-class Reference {
- public:
-  Reference(const std::string& python, const std::string& script, const std::string& spec) : python_(python) {
-    int in[2], out[2];
-    if (::pipe(in) != 0 || ::pipe(out) != 0) throw IoError("[bench] pipe() failed");
-    pid_ = ::fork();
-    if (pid_ < 0) throw IoError("[bench] fork() failed");
-    if (pid_ == 0) {
-      ::dup2(in[0], 0);
-      ::dup2(out[1], 1);
-      ::close(in[1]);
-      ::close(out[0]);
-      ::execl(python.c_str(), python.c_str(), script.c_str(), spec.c_str(), static_cast<char*>(nullptr));
-      std::perror(("[bench] cannot run " + python).c_str());
-      ::_exit(127);
-    }
-    ::close(in[0]);
-    ::close(out[1]);
-    to_ = ::fdopen(in[1], "w");
-    from_ = ::fdopen(out[0], "r");
-    const std::string hello = read_line();
-    if (hello.rfind("ready ", 0) != 0)
-      throw Error("[bench] " + python + " " + script + " did not start (said '" + hello + "'); see its error above");
-    label_ = hello.substr(6);
-  }
-  ~Reference() {
-    if (to_) {
-      std::fputs("quit\n", to_);
-      std::fclose(to_);
-    }
-    if (from_) std::fclose(from_);
-    if (pid_ > 0) ::waitpid(pid_, nullptr, 0);
-  }
-  Reference(const Reference&) = delete;
-  Reference& operator=(const Reference&) = delete;
-
-  std::vector<double> run(int steps) {
-    std::fprintf(to_, "run %d\n", steps);
-    std::fflush(to_);
-    const std::string line = read_line();
-    std::istringstream is(line);
-    std::string ok;
-    is >> ok;
-    if (ok != "ok") throw Error("[bench] the reference under " + python_ + " failed: '" + line + "'");
-    std::vector<double> ms;
-    for (double x; is >> x;) ms.push_back(x);
-    if (static_cast<int>(ms.size()) != steps) throw Error("[bench] the reference answered " + line);
-    return ms;
-  }
-  const std::string& label() const { return label_; }
-
- private:
-  std::string read_line() {
-    std::string s;
-    for (int c; (c = std::fgetc(from_)) != EOF && c != '\n';) s.push_back(static_cast<char>(c));
-    return s;
-  }
-  std::string python_, label_;
-  pid_t pid_ = -1;
-  FILE* to_ = nullptr;
-  FILE* from_ = nullptr;
-};
+using bench::median;
+using bench::Reference;
 
 // The same batch every micro-step. The time between two next() calls is one optimizer step; at a round's end the
 // references run their round before the next step's clock starts.
@@ -174,6 +106,7 @@ struct Args {
   std::vector<std::string> pythons = {"/usr/bin/python3", ".venv/bin/python"};
   std::string script = "scripts/bench/train_ref.py";
   int batch = 32, text_tokens = 32, answer_tokens = 6, warmup = 3, rounds = 5, steps = 4, threads = 2;
+  bool no_reference = false;
   std::vector<std::string> overrides;
 };
 
@@ -273,7 +206,7 @@ void bench_train(const Args& a) {
     spec["threads"] = a.threads;
     spec["batch"] = {{"dir", dir.string()}, {"B", B}, {"T", T}};
     const fs::path spec_path = dir / ("spec-" + method + ".json");
-    std::ofstream(spec_path) << spec.dump(1);
+    write_file_atomic(spec_path.string(), spec.dump(1));
 
     std::vector<std::unique_ptr<Reference>> refs;
     for (const auto& py : a.pythons) {
@@ -355,8 +288,13 @@ RegisterCommand register_bench([](CLI::App& root) {
       ->default_val(a->rounds);
   train->add_option("--steps", a->steps, "timed steps per round")->default_val(a->steps);
   train->add_option("--threads", a->threads, "intra-op threads of every side")->default_val(a->threads);
+  train->add_flag("--no-reference", a->no_reference, "emt alone (what `emt bench memory` runs in its children)");
   train->add_option("overrides", a->overrides, "config overrides key=value");
-  train->callback([a] { bench_train(*a); });
+  train->callback([a] {
+    if (a->no_reference) a->pythons.clear();
+    bench_train(*a);
+  });
+  bench::add_tables(*bench);
 });
 
 }  // namespace

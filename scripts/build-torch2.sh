@@ -9,5 +9,5 @@ bash scripts/setup-python.sh
 PY="${EMT_VENV:-.venv}/bin/python"
 PREFIX="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 EMT_BUILD_DIR="${EMT_BUILD_DIR:-build-torch2}" \
-EMT_CMAKE_ARGS="-DEMT_TORCH_IMPORT=libraries -DCMAKE_PREFIX_PATH=$PREFIX -DEMT_BUILD_BENCH=OFF ${EMT_CMAKE_ARGS:-}" \
+EMT_CMAKE_ARGS="-DEMT_TORCH_IMPORT=libraries -DCMAKE_PREFIX_PATH=$PREFIX ${EMT_CMAKE_ARGS:-}" \
   bash scripts/build.sh

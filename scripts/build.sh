@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Configures and builds emt into ${EMT_BUILD_DIR:-build} (Release, Ninja, all cores by default). EMT_TARGETS
-# names the targets to build (default: all, tests and benchmarks included; the quickstart builds emt_cli only).
+# names the targets to build (default: all, tests included; the quickstart builds emt_cli only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD="${EMT_BUILD_DIR:-build}"

@@ -58,7 +58,7 @@ fi
 if [ "${EMT_TEST_SANITIZE:-1}" = "1" ]; then
   echo "[test] fast tests under AddressSanitizer + UndefinedBehaviorSanitizer"
   # The test program and what it runs (the library, the emt program); not the GPU or interop programs.
-  EMT_BUILD_DIR=build-asan EMT_BUILD_TYPE=Debug EMT_CMAKE_ARGS="-DEMT_SANITIZE=ON -DEMT_BUILD_BENCH=OFF" \
+  EMT_BUILD_DIR=build-asan EMT_BUILD_TYPE=Debug EMT_CMAKE_ARGS="-DEMT_SANITIZE=ON" \
     EMT_TARGETS=emt_tests bash scripts/build.sh
   stage_done "build (sanitizers)"
   # [slow] tests are not registered there; the consumer test is labelled slow, the GPU program gpu.

@@ -46,3 +46,98 @@ TEST_CASE("bench: a missing interpreter is left out, a failing reference is an e
   CHECK(r.code != 0);
   CHECK(r.output.find("linear, lora or full") != std::string::npos);
 }
+
+namespace {
+
+// A stand-in for scripts/bench/data_ref.py under Debian's Python (no Pillow there): it speaks the protocol and writes
+// zeros (or, as fake_ref_short.py, too few bytes) as its preprocessed image.
+std::string fake_data_reference(const std::string& dir, bool short_output = false) {
+  const std::string path = dir + (short_output ? "/fake_ref_short.py" : "/fake_ref.py");
+  emt_test::spit(path, R"(import json, sys
+spec = json.load(open(sys.argv[1]))
+n = 3 * spec["size"] * spec["size"] * 4
+open(spec["out"], "wb").write(b"\0" * (n // 2 if "short" in sys.argv[0] else n))
+print("ready fake reference", flush=True)
+for line in sys.stdin:
+    w = line.split()
+    if not w or w[0] == "quit":
+        break
+    print("ok " + " ".join(["0.5"] * int(w[1])), flush=True)
+)");
+  return path;
+}
+
+}  // namespace
+
+TEST_CASE("bench data: emt and reference rows per input and size; outputs compared; bad references named", "[bench]") {
+  const std::string dir = emt_test::scratch_dir("bench_data");
+  const std::string cmd = "bench data --images 2 --rounds 1 --sizes 32,48 --script " + fake_data_reference(dir);
+  auto r = emt_test::run_cli(cmd + " --python /usr/bin/python3,/nonexistent/python3");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("no /nonexistent/python3") != std::string::npos);
+  for (const std::string input : {"500x375 PNG", "32x32 PNG"})
+    for (const std::string size : {"32", "48"}) {
+      std::smatch e, f;
+      const std::string out = r.output;
+      REQUIRE(std::regex_search(out, e, std::regex(input + " +" + size + R"( +emt +([0-9.]+) +([0-9.]+))")));
+      CHECK(std::stod(e[1]) > 0.0);
+      // the fake answers 0.5 ms per image and wrote zeros: emt's normalized image differs from zero by > 1
+      REQUIRE(std::regex_search(out, f, std::regex(input + " +" + size + R"( +fake reference +0\.500 +2000\.0 +([0-9.]+)x +([0-9.e+-]+))")));
+      CHECK(std::stod(f[1]) > 0.0);
+      CHECK(std::stod(f[2]) > 1.0);
+    }
+  // a reference whose output has the wrong size, and one that does not start
+  r = emt_test::run_cli("bench data --images 1 --rounds 1 --sizes 32 --python /usr/bin/python3 --script " +
+                        fake_data_reference(dir, true));
+  INFO(r.output);
+  CHECK(r.code != 0);
+  CHECK(r.output.find("expected 12288") != std::string::npos);
+  r = emt_test::run_cli("bench data --images 1 --rounds 1 --sizes 32 --python /bin/false");
+  CHECK(r.code != 0);
+  CHECK(r.output.find("/bin/false") != std::string::npos);
+}
+
+TEST_CASE("bench eval: generation and evaluator rows with figures", "[bench]") {
+  auto r = emt_test::run_cli(std::string("bench eval --model ") + EMT_SOURCE_DIR +
+                             "/configs/models/tiny.yaml --batch 2 --prompt 8 --new-tokens 4 --repeats 1 --images 4 "
+                             "--threads 1");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  const std::string out = r.output;
+  for (const std::string row : {"KV cache, whole batch", "recompute every step, whole batch",
+                                "KV cache, one row at a time"}) {
+    std::smatch m;
+    REQUIRE(std::regex_search(out, m, std::regex(row + R"( +([0-9.]+) +([0-9.]+) +([0-9.]+)x)")));
+    CHECK(std::stod(m[1]) > 0.0);
+    CHECK(std::stod(m[2]) > 0.0);
+  }
+  for (const std::string row : {"batch 1, strict", "batch 32, strict"}) {
+    std::smatch m;
+    REQUIRE(std::regex_search(out, m, std::regex(row + R"( +([0-9.]+) +([0-9.]+)x)")));
+    CHECK(std::stod(m[1]) > 0.0);
+  }
+  r = emt_test::run_cli("bench eval --new-tokens 0");
+  CHECK(r.code != 0);
+  CHECK(r.output.find("--new-tokens") != std::string::npos);
+}
+
+TEST_CASE("bench memory: a peak RSS per method above the program's baseline; bad methods refused first", "[bench]") {
+  const std::string model = std::string(EMT_SOURCE_DIR) + "/configs/models/tiny.yaml";
+  auto r = emt_test::run_cli("bench memory --model " + model +
+                             " --methods linear,full --steps 1 --batch 2 --text-tokens 12 --threads 1");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  std::smatch b;
+  const std::string out = r.output;
+  REQUIRE(std::regex_search(out, b, std::regex(R"(baseline +([0-9]+))")));
+  for (const std::string m : {"linear", "full"}) {
+    std::smatch p;
+    REQUIRE(std::regex_search(out, p, std::regex("\n" + m + R"( +([0-9]+) +(-?[0-9]+))")));
+    CHECK(std::stod(p[1]) > std::stod(b[1]));
+  }
+  r = emt_test::run_cli("bench memory --model " + model + " --methods linear,prompt");
+  CHECK(r.code != 0);
+  CHECK(r.output.find("'prompt' is not linear, lora or full") != std::string::npos);
+  CHECK(r.output.find("baseline") == std::string::npos);
+}

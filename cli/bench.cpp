@@ -1,0 +1,422 @@
+// `emt bench eval | data | memory` and what every `emt bench` table shares (cli/bench.h). Each table prints
+// medians after a warm-up; where there is a reference, both sides run in turns within one run and the table
+// prints their ratio.
+#include "bench.h"
+
+#include <emt/core/config.h>
+#include <emt/core/dataset.h>
+#include <emt/core/generate.h>
+#include <emt/core/image.h>
+#include <emt/core/llava.h>
+#include <emt/core/runtime.h>
+#include <emt/core/tokenizer.h>
+#include <emt/eval/evaluator.h>
+#include <fmt/core.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+namespace emt::cli::bench {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+Reference::Reference(const std::string& python, const std::string& script, const std::string& spec)
+    : python_(python) {
+  int in[2], out[2];
+  if (::pipe(in) != 0 || ::pipe(out) != 0) throw IoError("[bench] pipe() failed");
+  pid_ = ::fork();
+  if (pid_ < 0) throw IoError("[bench] fork() failed");
+  if (pid_ == 0) {
+    ::dup2(in[0], 0);
+    ::dup2(out[1], 1);
+    ::close(in[1]);
+    ::close(out[0]);
+    ::execl(python.c_str(), python.c_str(), script.c_str(), spec.c_str(), static_cast<char*>(nullptr));
+    std::perror(("[bench] cannot run " + python).c_str());
+    ::_exit(127);
+  }
+  ::close(in[0]);
+  ::close(out[1]);
+  to_ = ::fdopen(in[1], "w");
+  from_ = ::fdopen(out[0], "r");
+  const std::string hello = read_line();
+  if (hello.rfind("ready ", 0) != 0)
+    throw Error("[bench] " + python + " " + script + " did not start (said '" + hello + "'); see its error above");
+  label_ = hello.substr(6);
+}
+
+Reference::~Reference() {
+  if (to_) {
+    std::fputs("quit\n", to_);
+    std::fclose(to_);
+  }
+  if (from_) std::fclose(from_);
+  if (pid_ > 0) ::waitpid(pid_, nullptr, 0);
+}
+
+std::vector<double> Reference::run(int units) {
+  std::fprintf(to_, "run %d\n", units);
+  std::fflush(to_);
+  const std::string line = read_line();
+  std::istringstream is(line);
+  std::string ok;
+  is >> ok;
+  if (ok != "ok") throw Error("[bench] the reference under " + python_ + " failed: '" + line + "'");
+  std::vector<double> ms;
+  for (double x; is >> x;) ms.push_back(x);
+  if (static_cast<int>(ms.size()) != units) throw Error("[bench] the reference answered " + line);
+  return ms;
+}
+
+std::string Reference::read_line() {
+  std::string s;
+  for (int c; (c = std::fgetc(from_)) != EOF && c != '\n';) s.push_back(static_cast<char>(c));
+  return s;
+}
+
+namespace {
+
+double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
+
+// ---- eval -------------------------------------------------------------------------------------------------------
+
+struct EvalArgs {
+  std::string model = "configs/models/tiny.yaml";
+  int threads = 2, batch = 16, prompt = 40, new_tokens = 16, repeats = 5, images = 64;
+  std::vector<std::string> overrides;
+};
+
+// Generation on random weights of the model's shapes (KV cache vs recomputing the sequence every step, a batch vs
+// its rows one at a time), then Evaluator::evaluate() end to end on shapes10 (images/s at batch 1 and 32, and what
+// the likelihood scorer adds).
+void bench_eval(const EvalArgs& a) {
+  if (a.batch < 1 || a.prompt < 3 || a.new_tokens < 1 || a.repeats < 1 || a.images < 1)
+    throw ConfigError("[bench] eval: --batch, --new-tokens, --repeats and --images must be at least 1, --prompt 3");
+  RunConfig cfg = load_config(a.model, a.overrides);
+  cfg.run.threads = a.threads;
+  apply_run_section(cfg.run);
+  const int64_t vocab = cfg.model.llm.vocab_size, image_token = vocab - 1;
+  torch::manual_seed(0);
+  LlavaModel model = build_llava(cfg.model, image_token);
+  model->eval();
+  const auto& vo = model->options.vision;
+  auto ids = torch::randint(4, vocab - 1, {a.batch, a.prompt}, torch::kLong);
+  ids.select(1, 0).fill_(1);
+  ids.select(1, 1).fill_(image_token);
+  auto mask = torch::ones_like(ids);
+  auto images = torch::randn({a.batch, vo.num_channels, vo.image_size, vo.image_size});
+  GenerateOptions opt;
+  opt.max_new_tokens = a.new_tokens;
+  auto time_gen = [&](bool cache, bool one_at_a_time) {
+    opt.use_cache = cache;
+    auto once = [&] {
+      if (!one_at_a_time) return generate(model, images, ids, mask, opt);
+      for (int64_t i = 0; i < a.batch; ++i)
+        generate(model, images.narrow(0, i, 1), ids.narrow(0, i, 1), mask.narrow(0, i, 1), opt);
+      return std::vector<std::vector<int64_t>>{};
+    };
+    once();  // warm-up
+    std::vector<double> t;
+    for (int r = 0; r < a.repeats; ++r) {
+      const auto t0 = Clock::now();
+      once();
+      t.push_back(ms_since(t0));
+    }
+    return median(t);
+  };
+  const int64_t seq = a.prompt - 1 + model->options.num_image_tokens();
+  fmt::print("emt bench eval: {} (random weights), batch {}, prompt {} tokens ({} of them image tokens), {} new "
+             "tokens, {} threads, median of {} after a warm-up\n\n",
+             a.model, a.batch, seq, model->options.num_image_tokens(), a.new_tokens, a.threads, a.repeats);
+  const double cached = time_gen(true, false), recompute = time_gen(false, false), rows = time_gen(true, true);
+  const double tokens = static_cast<double>(a.batch) * a.new_tokens;
+  fmt::print("{:<44} {:>10} {:>10} {:>12}\n", "generation", "ms", "tokens/s", "time/cache");
+  fmt::print("{:<44} {:>10.1f} {:>10.1f} {:>12}\n", "KV cache, whole batch", cached, tokens / cached * 1e3, "1.00x");
+  fmt::print("{:<44} {:>10.1f} {:>10.1f} {:>11.2f}x\n", "recompute every step, whole batch", recompute,
+             tokens / recompute * 1e3, recompute / cached);
+  fmt::print("{:<44} {:>10.1f} {:>10.1f} {:>11.2f}x\n", "KV cache, one row at a time", rows, tokens / rows * 1e3,
+             rows / cached);
+
+  // The evaluator end to end: a SentencePiece tokenizer trained on shapes10's prompts, random weights.
+  const fs::path dir = fs::temp_directory_path() / fmt::format("emt-bench-eval-{}", ::getpid());
+  fs::create_directories(dir);
+  RunConfig ec;
+  ec.data.root = dir.string();
+  DatasetConfig shapes;
+  shapes.format = "synthetic";
+  shapes.path = "shapes10";
+  shapes.test_max_samples = a.images;
+  ec.data.datasets = {{"shapes", shapes}};
+  ec.eval.max_new_tokens = 12;
+  ec.eval.scorers = {"strict"};
+  Evaluator probe(ec);
+  const auto& names = probe.dataset("shapes")->class_names();
+  std::string corpus;
+  for (int rep = 0; rep < 20; ++rep) {
+    corpus += dataset_question("shapes", shapes, names) + "\n";
+    for (const auto& n : names) corpus += answer_text(shapes, n) + "\n";
+  }
+  write_file_atomic((dir / "corpus.txt").string(), corpus);
+  SentencePieceTrainOptions so;
+  so.vocab_size = 160;
+  train_sentencepiece((dir / "corpus.txt").string(), (dir / "tok").string(), so);
+  std::shared_ptr<Tokenizer> tok = load_sentencepiece((dir / "tok.model").string());
+  const int64_t image_id = tok->add_special_token("<image>");
+  ModelSection m = cfg.model;
+  m.llm.vocab_size = static_cast<int>(tok->vocab_size());
+  torch::manual_seed(0);
+  EvalModel em;
+  em.model = build_llava(m, image_id);
+  em.tokenizer = tok;
+  em.image = image_options_for_size(m.vision.image_size);
+  em.conversation = "plain";
+  auto images_per_s = [&](int batch, const std::vector<std::string>& scorers) {
+    RunConfig c = ec;
+    c.eval.batch_size = batch;
+    c.eval.scorers = scorers;
+    Evaluator ev(c);
+    ev.set_progress(false);
+    ev.evaluate(em, "");  // warm-up
+    std::vector<double> t;
+    for (int r = 0; r < std::max(1, a.repeats / 2); ++r) {
+      const auto t0 = Clock::now();
+      ev.evaluate(em, "");
+      t.push_back(ms_since(t0) / 1e3);
+    }
+    return static_cast<double>(a.images) / median(t);
+  };
+  const double b1 = images_per_s(1, {"strict"}), b32 = images_per_s(32, {"strict"});
+  const double lik = images_per_s(32, {"strict", "likelihood"});
+  fmt::print("\n{:<44} {:>10} {:>12}\n", fmt::format("evaluator ({} shapes10 images)", a.images), "images/s",
+             "speed/batch1");
+  fmt::print("{:<44} {:>10.1f} {:>12}\n", "batch 1, strict", b1, "1.00x");
+  fmt::print("{:<44} {:>10.1f} {:>11.2f}x\n", "batch 32, strict", b32, b32 / b1);
+  fmt::print("{:<44} {:>10.1f} {:>11.2f}x\n", fmt::format("batch 32, strict + likelihood ({} classes)", names.size()),
+             lik, lik / b1);
+  std::error_code err;
+  fs::remove_all(dir, err);
+}
+
+// ---- data -------------------------------------------------------------------------------------------------------
+
+struct DataArgs {
+  std::vector<std::string> pythons = {".venv/bin/python"};
+  std::string script = "scripts/bench/data_ref.py";
+  std::vector<int64_t> sizes = {224, 336};
+  int images = 20, rounds = 5, threads = 1;
+};
+
+// A photo-like test image (smooth colour waves plus noise, so PNG cannot shrink it to nothing).
+torch::Tensor test_image(int64_t h, int64_t w) {
+  torch::manual_seed(0);
+  auto y = torch::arange(h, torch::kFloat).view({h, 1, 1}), x = torch::arange(w, torch::kFloat).view({1, w, 1});
+  auto c = torch::arange(3, torch::kFloat).view({1, 1, 3});
+  auto v = 128 + 90 * torch::sin(x / (7 + c) + y / 11) + 20 * torch::randn({h, w, 3});
+  return v.clamp(0, 255).to(torch::kUInt8);
+}
+
+// Decode + CLIP preprocessing of PNG files (a 500x375 photo size, a 32x32 CIFAR size) to each --sizes, emt vs the
+// reference implementations of scripts/bench/data_ref.py (PIL + transformers' CLIPImageProcessor, PIL + numpy),
+// in turns; each reference's output for the image is compared with emt's.
+void bench_data(const DataArgs& a) {
+  if (a.images < 1 || a.rounds < 1) throw ConfigError("[bench] data: --images and --rounds must be at least 1");
+  for (auto s : a.sizes)
+    if (s < 16) throw ConfigError("[bench] data: --sizes must be at least 16 (got " + std::to_string(s) + ")");
+  set_threads(a.threads);
+  const fs::path dir = fs::temp_directory_path() / fmt::format("emt-bench-data-{}", ::getpid());
+  fs::create_directories(dir);
+  fmt::print("emt bench data: decode a PNG file + CLIP preprocessing (bicubic shortest-edge resize, centre crop, "
+             "normalize), {} threads, {} rounds of {} images, sides in turns, median per image\n\n",
+             a.threads, a.rounds, a.images);
+  fmt::print("{:<12} {:>5} {:<44} {:>9} {:>10} {:>11} {:>10}\n", "input", "size", "side", "ms/image", "images/s",
+             "emt/side", "max|d|");
+  for (auto [h, w] : {std::pair<int64_t, int64_t>{375, 500}, {32, 32}}) {
+    const std::string file = (dir / fmt::format("{}x{}.png", w, h)).string();
+    write_file_atomic(file, encode_png(test_image(h, w)));
+    for (int64_t size : a.sizes) {
+      const auto opts = image_options_for_size(size);
+      const torch::Tensor mine = preprocess_image(decode_image_file(file), opts);
+      struct Side {
+        std::unique_ptr<Reference> ref;
+        std::string impl;
+        double max_diff = 0.0;
+        std::vector<double> ms;
+      };
+      std::vector<Side> sides;
+      for (const auto& py : a.pythons) {
+        if (!fs::exists(py)) {
+          fmt::print("  (no {}: that reference is left out)\n", py);
+          continue;
+        }
+        for (const std::string impl : {"transformers", "pil"}) {
+          const std::string out = (dir / fmt::format("out-{}-{}.f32", sides.size(), size)).string();
+          nlohmann::json spec = {{"file", file}, {"size", size}, {"impl", impl}, {"out", out},
+                                 {"threads", a.threads}};
+          const std::string spec_path = (dir / fmt::format("spec-{}-{}.json", sides.size(), size)).string();
+          write_file_atomic(spec_path, spec.dump());
+          Side s;
+          s.ref = std::make_unique<Reference>(py, a.script, spec_path);
+          s.impl = impl;
+          const std::string bytes = read_file(out);
+          if (static_cast<int64_t>(bytes.size()) != mine.numel() * 4)
+            throw Error(fmt::format("[bench] {} ({}) wrote {} bytes to {}, expected {} (float32 [3, {}, {}])", py,
+                                    impl, bytes.size(), out, mine.numel() * 4, size, size));
+          auto theirs = torch::from_blob(const_cast<char*>(bytes.data()), mine.sizes(), torch::kFloat).clone();
+          s.max_diff = (theirs - mine).abs().max().item<double>();
+          sides.push_back(std::move(s));
+        }
+      }
+      std::vector<double> emt_ms;
+      for (int r = 0; r <= a.rounds; ++r) {  // round 0 warms every side up
+        for (int i = 0; i < a.images; ++i) {
+          const auto t0 = Clock::now();
+          preprocess_image(decode_image_file(file), opts);
+          if (r > 0) emt_ms.push_back(ms_since(t0));
+        }
+        for (auto& s : sides) {
+          auto ms = s.ref->run(a.images);
+          if (r > 0) s.ms.insert(s.ms.end(), ms.begin(), ms.end());
+        }
+      }
+      const double e = median(emt_ms);
+      const std::string input = fmt::format("{}x{} PNG", w, h);
+      fmt::print("{:<12} {:>5} {:<44} {:>9.3f} {:>10.1f} {:>11} {:>10}\n", input, size, "emt", e, 1e3 / e, "", "");
+      for (auto& s : sides) {
+        const double m = median(s.ms);
+        fmt::print("{:<12} {:>5} {:<44} {:>9.3f} {:>10.1f} {:>10.2f}x {:>10.1e}\n", input, size,
+                   s.ref->label(), m, 1e3 / m, e / m, s.max_diff);
+      }
+    }
+  }
+  fmt::print("\nemt/side: emt's median time per image over the side's (below 1 = emt faster). max|d|: the largest "
+             "difference between the side's preprocessed tensor and emt's for that image.\n");
+  std::error_code err;
+  fs::remove_all(dir, err);
+}
+
+// ---- memory -----------------------------------------------------------------------------------------------------
+
+struct MemoryArgs {
+  std::string model = "configs/models/small.yaml";
+  std::vector<std::string> methods = {"linear", "lora", "full"};
+  int batch = 8, text_tokens = 44, steps = 3, threads = 2;
+  std::vector<std::string> overrides;
+};
+
+// Runs this program with `args` (stdout and stderr to `log`) and returns its peak resident set in bytes.
+double child_peak_rss(const std::vector<std::string>& args, const std::string& log) {
+  std::vector<char*> argv;
+  static const std::string self = "/proc/self/exe";
+  argv.push_back(const_cast<char*>(self.c_str()));
+  for (const auto& s : args) argv.push_back(const_cast<char*>(s.c_str()));
+  argv.push_back(nullptr);
+  std::fflush(stdout);
+  const pid_t pid = ::fork();
+  if (pid < 0) throw IoError("[bench] fork() failed");
+  if (pid == 0) {
+    if (std::freopen(log.c_str(), "w", stdout) == nullptr || ::dup2(::fileno(stdout), 2) < 0) ::_exit(126);
+    ::execv(self.c_str(), argv.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  struct rusage ru {};
+  if (::wait4(pid, &status, 0, &ru) != pid) throw IoError("[bench] wait4() failed");
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    std::string tail;
+    try {
+      tail = read_file(log);
+      if (tail.size() > 2000) tail = tail.substr(tail.size() - 2000);
+    } catch (const Error&) {
+    }
+    std::string cmd;
+    for (const auto& x : args) cmd += (cmd.empty() ? "" : " ") + x;
+    throw Error(fmt::format("[bench] memory: `emt {}` failed (status {}):\n{}", cmd, status, tail));
+  }
+  return static_cast<double>(ru.ru_maxrss) * 1024.0;  // Linux reports KiB
+}
+
+// Peak RSS of one process per method, each training --steps steps of `emt bench train` on the model, beside the
+// program's own baseline (LibTorch loaded, nothing built) and the bytes the method's state needs by count.
+void bench_memory(const MemoryArgs& a) {
+  if (a.steps < 1 || a.batch < 1) throw ConfigError("[bench] memory: --steps and --batch must be at least 1");
+  for (const auto& m : a.methods)
+    if (m != "linear" && m != "lora" && m != "full")
+      throw ConfigError("[bench] memory: --methods: '" + m + "' is not linear, lora or full");
+  RunConfig cfg = load_config(a.model, a.overrides);  // the config's errors before any child starts
+  const fs::path dir = fs::temp_directory_path() / fmt::format("emt-bench-memory-{}", ::getpid());
+  fs::create_directories(dir);
+  const std::string log = (dir / "child.log").string();
+  const double base = child_peak_rss({"--version"}, log);
+  fmt::print("emt bench memory: {} (vision {} px, decoder width {}, {} layers), batch {}, {} text tokens, {} "
+             "optimizer steps per process, {} threads\n\n",
+             a.model, cfg.model.vision.image_size, cfg.model.llm.hidden_size, cfg.model.llm.num_layers, a.batch,
+             a.text_tokens, a.steps, a.threads);
+  fmt::print("{:<10} {:>14} {:>18}\n", "method", "peak RSS MiB", "above baseline MiB");
+  fmt::print("{:<10} {:>14.0f} {:>18}\n", "baseline", base / (1 << 20), "(emt --version)");
+  for (const auto& m : a.methods) {
+    std::vector<std::string> args = {"bench", "train", "--model", a.model, "--methods", m, "--no-reference",
+                                     "--batch", std::to_string(a.batch), "--text-tokens", std::to_string(a.text_tokens),
+                                     "--warmup", "1", "--rounds", "1", "--steps", std::to_string(a.steps),
+                                     "--threads", std::to_string(a.threads)};
+    args.insert(args.end(), a.overrides.begin(), a.overrides.end());
+    const double peak = child_peak_rss(args, log);
+    fmt::print("{:<10} {:>14.0f} {:>18.0f}\n", m, peak / (1 << 20), (peak - base) / (1 << 20));
+  }
+  std::error_code err;
+  fs::remove_all(dir, err);
+}
+
+}  // namespace
+
+void add_tables(CLI::App& bench) {
+  auto* eval = bench.add_subcommand(
+      "eval", "Generation (KV cache vs recompute, batch vs one row at a time) and the evaluator's images/s");
+  auto e = std::make_shared<EvalArgs>();
+  eval->add_option("--model", e->model, "a config naming the model (model.*)")->default_val(e->model);
+  eval->add_option("--threads", e->threads, "intra-op threads")->default_val(e->threads);
+  eval->add_option("--batch", e->batch, "rows generated together")->default_val(e->batch);
+  eval->add_option("--prompt", e->prompt, "text tokens per row, the image token included")->default_val(e->prompt);
+  eval->add_option("--new-tokens", e->new_tokens, "tokens generated per row")->default_val(e->new_tokens);
+  eval->add_option("--repeats", e->repeats, "timed repeats (median)")->default_val(e->repeats);
+  eval->add_option("--images", e->images, "shapes10 test images the evaluator scores")->default_val(e->images);
+  eval->add_option("overrides", e->overrides, "config overrides key=value");
+  eval->callback([e] { bench_eval(*e); });
+
+  auto* data = bench.add_subcommand(
+      "data", "PNG decode + CLIP preprocessing, images/s, vs PIL + transformers (scripts/bench/data_ref.py)");
+  auto d = std::make_shared<DataArgs>();
+  data->add_option("--python", d->pythons, "interpreters of the references (missing = left out)")->delimiter(',');
+  data->add_option("--script", d->script, "the reference script")->default_val(d->script);
+  data->add_option("--sizes", d->sizes, "output sizes")->delimiter(',');
+  data->add_option("--images", d->images, "images per side per round")->default_val(d->images);
+  data->add_option("--rounds", d->rounds, "rounds")->default_val(d->rounds);
+  data->add_option("--threads", d->threads, "intra-op threads of every side")->default_val(d->threads);
+  data->callback([d] { bench_data(*d); });
+
+  auto* memory = bench.add_subcommand("memory", "Peak RSS of a training process per method");
+  auto m = std::make_shared<MemoryArgs>();
+  memory->add_option("--model", m->model, "a config naming the model (model.*)")->default_val(m->model);
+  memory->add_option("--methods", m->methods, "methods (linear, lora, full)")->delimiter(',');
+  memory->add_option("--batch", m->batch, "samples per step")->default_val(m->batch);
+  memory->add_option("--text-tokens", m->text_tokens, "text tokens per sample")->default_val(m->text_tokens);
+  memory->add_option("--steps", m->steps, "optimizer steps per process")->default_val(m->steps);
+  memory->add_option("--threads", m->threads, "intra-op threads")->default_val(m->threads);
+  memory->add_option("overrides", m->overrides, "config overrides key=value");
+  memory->callback([m] { bench_memory(*m); });
+}
+
+}  // namespace emt::cli::bench
