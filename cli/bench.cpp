@@ -252,7 +252,6 @@ void bench_data(const DataArgs& a) {
       const torch::Tensor mine = preprocess_image(decode_image_file(file), opts);
       struct Side {
         std::unique_ptr<Reference> ref;
-        std::string impl;
         double max_diff = 0.0;
         std::vector<double> ms;
       };
@@ -270,7 +269,6 @@ void bench_data(const DataArgs& a) {
           write_file_atomic(spec_path, spec.dump());
           Side s;
           s.ref = std::make_unique<Reference>(py, a.script, spec_path);
-          s.impl = impl;
           const std::string bytes = read_file(out);
           if (static_cast<int64_t>(bytes.size()) != mine.numel() * 4)
             throw Error(fmt::format("[bench] {} ({}) wrote {} bytes to {}, expected {} (float32 [3, {}, {}])", py,
