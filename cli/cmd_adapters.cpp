@@ -4,7 +4,7 @@
 #include <emt/adapters/peft.h>
 #include <emt/core/error.h>
 #include <emt/core/llava.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 
 #include <filesystem>

@@ -5,7 +5,7 @@
 #include <emt/core/config.h>
 #include <emt/core/error.h>
 #include <emt/core/llava.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <emt/train/finetune.h>
 #include <emt/train/trainer.h>

@@ -5,7 +5,7 @@
 #include <emt/core/dataset.h>
 #include <emt/core/error.h>
 #include <emt/core/image.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 
 #include <fmt/format.h>
 

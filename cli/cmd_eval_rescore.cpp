@@ -4,7 +4,7 @@
 #include <emt/core/config.h>
 #include <emt/core/dataset.h>
 #include <emt/core/error.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/eval/evaluator.h>
 #include <emt/eval/metrics.h>
 #include <emt/eval/report.h>

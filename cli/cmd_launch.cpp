@@ -4,7 +4,7 @@
 #include <emt/core/config.h>
 #include <emt/core/distributed.h>
 #include <emt/core/error.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>

@@ -4,7 +4,7 @@
 #include <emt/adapters/peft.h>
 #include <emt/core/config.h>
 #include <emt/core/error.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <emt/eval/evaluator.h>
 #include <emt/eval/metrics.h>
@@ -25,6 +25,7 @@ struct ScoreArgs {
   std::string config, adapter, out;
   std::vector<std::string> overrides;
   bool no_clip = false;
+  bool allow_judge = false;
 };
 
 // eval.clip_model, else <base model dir>/clip when it has a config.json, else "".
@@ -129,7 +130,11 @@ emt::cli::RegisterCommand register_score([](CLI::App& root) {
       ->check(CLI::ExistingDirectory);
   cmd->add_option("--out", args->out, "output directory (default: <run.out_dir>/<run.name>/score)");
   cmd->add_flag("--no-clip", args->no_clip, "skip the CLIP model (no zero-shot baseline, no clip scorer)");
-  cmd->callback([args] { run_score(*args); });
+  cmd->add_flag("--allow-judge", args->allow_judge, "run the judge command the config names (eval.judge_command)");
+  cmd->callback([args] {
+    emt::allow_config_judge(args->allow_judge);
+    run_score(*args);
+  });
 });
 
 }  // namespace

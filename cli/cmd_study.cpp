@@ -1,7 +1,8 @@
 // `emt study CONFIG [key=value ...]`: the forgetting study, the main job.
 #include <emt/core/config.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
+#include <emt/eval/scoring.h>
 #include <emt/eval/study.h>
 
 #include <iostream>
@@ -19,7 +20,10 @@ emt::cli::RegisterCommand register_study([](CLI::App& root) {
   cmd->add_option("overrides", *overrides, "dotted.key=value overrides");
   cmd->add_flag("--no-report", *no_report, "skip writing RUN_DIR/report");
   cmd->add_flag("--list-cells", *list_cells, "print the grid, one 'dataset method seed' line per cell, and exit");
+  auto allow_judge = std::make_shared<bool>(false);
+  cmd->add_flag("--allow-judge", *allow_judge, "run the judge command the config names (eval.judge_command)");
   cmd->callback([=] {
+    emt::allow_config_judge(*allow_judge);
     auto cfg = emt::load_config(*path, *overrides);
     if (*list_cells) {
       for (const auto& d : cfg.study.finetune_datasets)

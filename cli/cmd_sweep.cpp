@@ -1,7 +1,7 @@
 // `emt sweep SWEEP.yaml [--backend local|slurm|print]`: a grid of studies (or training runs), run here K at a
 // time, submitted as a Slurm job array with a dependent report job, or printed. Finished tasks are skipped.
 #include <emt/core/error.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <emt/eval/metrics.h>
 #include <emt/eval/report.h>
@@ -26,7 +26,7 @@ namespace fs = std::filesystem;
 struct SweepArgs {
   std::string file, backend = "local";
   int64_t jobs = 0, run_task = -1;
-  bool report_only = false;
+  bool report_only = false, allow_judge = false;
 };
 
 std::string self_exe() {
@@ -144,7 +144,8 @@ std::string run_capture(const std::string& cmd) {
 }
 
 int sweep_main(const SweepArgs& a) {
-  const auto s = emt::load_sweep(a.file);
+  auto s = emt::load_sweep(a.file);
+  s.allow_judge = a.allow_judge;
   const auto exe = self_exe();
   std::vector<const emt::SweepTask*> todo;
   std::vector<int64_t> todo_idx;
@@ -220,6 +221,7 @@ emt::cli::RegisterCommand register_sweep([](CLI::App& root) {
   cmd->add_option("-j,--jobs", a->jobs, "local: tasks at once (default: sweep.parallel)");
   cmd->add_option("--run-task", a->run_task, "run one task by index (what each Slurm array task does)");
   cmd->add_flag("--report-only", a->report_only, "write the report over the finished tasks and exit");
+  cmd->add_flag("--allow-judge", a->allow_judge, "let every study task run the judge command its config names");
   cmd->callback([a] {
     int rc = sweep_main(*a);
     if (rc == emt::cli::kExitPreempted) throw emt::Preempted("[sweep] tasks were preempted; rerun to continue");

@@ -1,6 +1,6 @@
 // `emt train CONFIG [key=value ...] [--resume]` and `emt pretrain CONFIG [--force]`.
 #include <emt/core/config.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <emt/eval/study.h>
 #include <emt/train/finetune.h>

@@ -1,6 +1,6 @@
 // The `emt` executable: parses argv with git-style sub-commands, calls the library, maps errors to exit codes.
 #include <emt/core/error.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/train/trainer.h>
 #include <c10/util/Exception.h>
 

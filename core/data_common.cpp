@@ -2,7 +2,7 @@
 // the EMT paper's prompts and the built-in dataset list.
 #include <emt/core/dataset.h>
 #include <emt/core/error.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include "core/text.h"
 
 #include <torch/torch.h>

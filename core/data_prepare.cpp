@@ -3,7 +3,7 @@
 #include <emt/core/dataset.h>
 #include <emt/core/error.h>
 #include <fmt/format.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 
 #include <torch/torch.h>

@@ -5,7 +5,7 @@
 #endif
 #include <emt/core/distributed.h>
 #include <emt/core/error.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>

@@ -1,7 +1,7 @@
 // Image decoding (OpenCV), PIL-compatible bicubic resampling and the CLIPImageProcessor pipeline.
 #include <emt/core/error.h>
 #include <emt/core/image.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 
 #include <torch/torch.h>

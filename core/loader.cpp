@@ -3,7 +3,7 @@
 #include <emt/core/conversation.h>
 #include <emt/core/error.h>
 #include <emt/core/loader.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 
 #include <torch/torch.h>
 

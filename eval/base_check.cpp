@@ -1,6 +1,6 @@
 // The tiny base model's closing check, with the one Evaluator: EMT accuracy and CLIP zero-shot accuracy per
 // pretrained dataset, with intervals and chance level, written to pretrain_report.json.
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <emt/eval/evaluator.h>
 #include <emt/eval/study.h>

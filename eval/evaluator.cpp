@@ -7,7 +7,7 @@
 #include <emt/core/generate.h>
 #include <emt/core/hf_checkpoint.h>
 #include <emt/core/loader.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <emt/eval/evaluator.h>
 #include <emt/eval/metrics.h>
@@ -355,6 +355,16 @@ void register_scorer(const std::string& name, ScorerFn fn, std::vector<std::stri
   registered_scorers()[name] = {std::move(fn), std::move(datasets)};
 }
 
+void check_config_judge(const RunConfig& cfg) {
+  const auto& s = cfg.eval.scorers;
+  const bool judged = cfg.eval.primary_scorer == "judge" || std::find(s.begin(), s.end(), "judge") != s.end();
+  if (judged && !config_judge_allowed())
+    throw ConfigError(fmt::format(
+        "[eval] eval.judge_command: the config asks to run '{}' as the judge, and a config never runs a program by "
+        "itself; add --allow-judge to the command line to run it (library code: emt::allow_config_judge(true))",
+        cfg.eval.judge_command));
+}
+
 Evaluator::Evaluator(const RunConfig& cfg) : impl_(std::make_unique<Impl>()) {
   Impl& d = *impl_;
   d.cfg = cfg;
@@ -371,6 +381,7 @@ Evaluator::Evaluator(const RunConfig& cfg) : impl_(std::make_unique<Impl>()) {
       throw ConfigError(fmt::format("[eval] eval.scorers: unknown scorer '{}' (known: {})", s, fmt::join(known, ", ")));
   if (d.configured("judge") && cfg.eval.judge_command.empty())
     throw ConfigError("[eval] eval.judge_command: the judge scorer is configured but no command is set");
+  check_config_judge(cfg);
   if (cfg.eval.batch_size <= 0)
     throw ConfigError(fmt::format("[eval] eval.batch_size must be > 0 (got {})", cfg.eval.batch_size));
 

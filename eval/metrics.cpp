@@ -1,6 +1,6 @@
 // Loading and combining results.jsonl rows and the forgetting metrics computed from them (docs/report.md).
 #include <emt/core/error.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <emt/eval/metrics.h>
 #include <fmt/format.h>

@@ -16,6 +16,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -369,6 +370,13 @@ ChildOutput run_with_pipes(const std::string& command, const std::string& input)
 }
 
 }  // namespace
+
+namespace {
+std::atomic<bool> g_config_judge_allowed{false};
+}  // namespace
+
+void allow_config_judge(bool allowed) { g_config_judge_allowed = allowed; }
+bool config_judge_allowed() { return g_config_judge_allowed.load(); }
 
 bool judge_says_yes(const std::string& command, const std::string& label, const std::string& prediction) {
   if (detail::trim(command).empty()) throw ConfigError("[judge] empty judge command (eval.judge_command)");

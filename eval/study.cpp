@@ -1,6 +1,6 @@
 // The forgetting study driver: one Trainer per cell, the one Evaluator after every epoch, resumable results.
 #include <emt/adapters/policy.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/metrics.h>
 #include <emt/core/runtime.h>
 #include <emt/eval/evaluator.h>
@@ -282,6 +282,7 @@ class Study {
 
 StudySummary run_study(const RunConfig& cfg, const StudyOptions& opts) {
   validate_config(cfg);
+  check_config_judge(cfg);  // before the base model is built
   if (cfg.study.finetune_datasets.empty())
     throw ConfigError("[study] study.finetune_datasets: name at least one dataset to fine-tune on");
   if (cfg.study.methods.empty()) throw ConfigError("[study] study.methods: name at least one method");

@@ -187,6 +187,7 @@ std::vector<std::string> sweep_task_argv(const Sweep& s, const SweepTask& t, con
   argv.insert(argv.end(), {emt_exe, s.command, s.config});
   argv.insert(argv.end(), t.overrides.begin(), t.overrides.end());
   argv.push_back(s.command == "study" ? "--no-report" : "--resume");  // the sweep writes one report for all
+  if (s.allow_judge && s.command == "study") argv.push_back("--allow-judge");
   return argv;
 }
 
@@ -235,7 +236,8 @@ std::string sweep_array_script(const Sweep& s, const std::vector<int64_t>& indic
   o << "# Written by emt sweep for " << s.file << ": one array task per unfinished grid point.\n"
     << "# A preemption notice (USR1) reaches emt, which checkpoints and exits 75; the task then requeues itself.\n"
     << "set -uo pipefail\n"
-    << shell_quote(emt_exe) << " sweep " << shell_quote(s.file) << " --run-task \"$SLURM_ARRAY_TASK_ID\" &\n"
+    << shell_quote(emt_exe) << " sweep " << shell_quote(s.file) << " --run-task \"$SLURM_ARRAY_TASK_ID\""
+    << (s.allow_judge ? " --allow-judge" : "") << " &\n"
     << "PID=$!\n"
     << "trap 'kill -USR1 $PID' USR1 TERM\n"
     << "wait $PID; RC=$?\n"

@@ -253,6 +253,26 @@ TEST_CASE("e2e: a preemption notice in any phase of a study exits 75 and the rer
   }
 }
 
+TEST_CASE("e2e: a judge command named by the config or overrides runs only with --allow-judge", "[e2e]") {
+  const auto& w = tiny_world();
+  const std::string marker = w.dir + "/judge-ran-" + std::to_string(::getpid());
+  const std::string judge = " 'eval.scorers=[strict, judge]' 'eval.judge_command=touch " + marker + "; echo yes'";
+  for (const std::string cmd : {"study " + w.config + judge + " run.name=judge_refused",
+                                "score " + w.config + judge + " --no-clip --out " + w.dir + "/judge_refused"}) {
+    auto r = emt_test::run_cli(cmd);
+    INFO(r.output);
+    CHECK(r.code != 0);
+    CHECK(r.output.find("--allow-judge") != std::string::npos);
+    CHECK_FALSE(fs::exists(w.dir + "/runs/judge_refused/results.jsonl"));
+  }
+  CHECK_FALSE(fs::exists(marker));
+  auto ok = emt_test::run_cli("score " + w.config + judge + " --no-clip --allow-judge --out " + w.dir + "/judge_ok");
+  INFO(ok.output);
+  REQUIRE(ok.code == 0);
+  CHECK(fs::exists(marker));
+  CHECK(emt_test::slurp(w.dir + "/judge_ok/results.jsonl").find("\"judge\"") != std::string::npos);
+}
+
 TEST_CASE("sweep: array specs collapse runs of indices", "[sweep]") {
   CHECK(emt::slurm_array_spec({0, 1, 2, 3}) == "0-3");
   CHECK(emt::slurm_array_spec({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8");
@@ -274,6 +294,16 @@ TEST_CASE("sweep: a grid becomes deterministic tasks; local runs them K at a tim
   CHECK(s.tasks[1].run_dir == w.dir + "/runs/sweeps/seeds/t001_seed=1_batch_size=8");
   CHECK(s.config == w.dir + "/tiny.yaml");
   CHECK(emt::sweep_task_argv(s, s.tasks[0], "/x/emt")[1] == "study");
+  // --allow-judge comes from the sweep's command line only, and reaches each study task and the array script.
+  CHECK(emt::sweep_task_argv(s, s.tasks[0], "/x/emt").back() == "--no-report");
+  CHECK(emt::sweep_array_script(s, {0, 1}, "/x/emt").find("--allow-judge") == std::string::npos);
+  {
+    auto allowed = s;
+    allowed.allow_judge = true;
+    CHECK(emt::sweep_task_argv(allowed, allowed.tasks[0], "/x/emt").back() == "--allow-judge");
+    CHECK(emt::sweep_array_script(allowed, {0, 1}, "/x/emt").find("--run-task \"$SLURM_ARRAY_TASK_ID\" --allow-judge &") !=
+          std::string::npos);
+  }
 
   auto p = emt_test::run_cli("sweep " + file + " --backend print");
   INFO(p.output);

@@ -388,7 +388,35 @@ TEST_CASE("evaluator: likelihood ranking picks the class the model is biased tow
   for (const auto& j : read_jsonl(fx.dir + "/pred/digits.jsonl")) CHECK(j["pred_likelihood"] == 7);
 }
 
+TEST_CASE("evaluator: a config's judge command runs only when the process allows it", "[evaluator]") {
+  const std::string dir = emt_test::scratch_dir("evaluator_judge_refused");
+  const std::string marker = dir + "/judge-ran";
+  auto judged = [&](emt::RunConfig& c) {
+    c.eval.datasets = {"digits"};
+    c.eval.max_samples = 2;
+    c.eval.scorers = {"strict", "judge"};
+    c.eval.judge_command = "touch '" + marker + "'; echo yes";
+  };
+  emt::allow_config_judge(false);
+  try {
+    Fixture fx("evaluator_judge_refused_fx", judged);
+    FAIL("a configured judge was accepted without --allow-judge");
+  } catch (const emt::ConfigError& e) {
+    const std::string what = e.what();
+    CHECK(what.find("eval.judge_command") != std::string::npos);
+    CHECK(what.find("--allow-judge") != std::string::npos);
+    CHECK(what.find(marker) != std::string::npos);  // names the command it refused
+  }
+  CHECK_FALSE(std::filesystem::exists(marker));
+  emt::allow_config_judge(true);
+  Fixture fx("evaluator_judge_allowed_fx", judged);
+  fx.ev->evaluate(fx.m, fx.dir + "/pred");
+  emt::allow_config_judge(false);
+  CHECK(std::filesystem::exists(marker));
+}
+
 TEST_CASE("evaluator: external judge scorer", "[evaluator]") {
+  emt::allow_config_judge(true);
   Fixture fx("evaluator_judge", [](emt::RunConfig& c) {
     c.eval.datasets = {"digits"};
     c.eval.max_samples = 10;
@@ -412,6 +440,7 @@ TEST_CASE("evaluator: external judge scorer", "[evaluator]") {
   CHECK(threes == 1);
   CHECK(c.n == 10);
   CHECK(c.correct == threes);
+  emt::allow_config_judge(false);
 }
 
 namespace {

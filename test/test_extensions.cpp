@@ -8,6 +8,9 @@
 #include <emt/train/finetune.h>
 #include <torch/torch.h>
 
+#include <filesystem>
+#include <fstream>
+
 #include <catch2/catch.hpp>
 
 #include "expect_error.h"
@@ -106,4 +109,33 @@ TEST_CASE("extensions: a registered method trains its base method's components u
   spec.base = "linear";
   CHECK_THAT(emt_test::error_of<emt::ConfigError>([&] { emt::register_method("full", spec); }),
              Catch::Contains("'full' is a built-in method"));
+}
+
+// The installed headers are what a library user compiles: every #include <...> in include/emt/ must name the
+// standard library, LibTorch (torch/, ATen/, c10/) or emt itself, never OpenCV, yaml-cpp, nlohmann, fmt, ...
+TEST_CASE("extensions: public headers include nothing third-party but LibTorch's") {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::path(EMT_SOURCE_DIR) / "include" / "emt";
+  int headers = 0;
+  std::vector<std::string> offending;
+  for (const auto& entry : fs::recursive_directory_iterator(root)) {
+    if (entry.path().extension() != ".h") continue;
+    ++headers;
+    std::ifstream in(entry.path());
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.rfind("#include", 0) != 0) continue;
+      const auto open = line.find_first_of("<\"");
+      const auto close = line.find_first_of(">\"", open + 1);
+      REQUIRE(close != std::string::npos);
+      const std::string name = line.substr(open + 1, close - open - 1);
+      const auto under = [&](const char* prefix) { return name.rfind(prefix, 0) == 0; };
+      const bool standard = name.find('/') == std::string::npos && name.find('.') == std::string::npos;
+      if (!standard && !under("emt/") && !under("torch/") && !under("ATen/") && !under("c10/")) offending.push_back(entry.path().filename().string() + ": " + name);
+    }
+  }
+  CHECK(headers > 20);
+  INFO("offending includes: " << offending.size());
+  for (const auto& o : offending) UNSCOPED_INFO(o);
+  CHECK(offending.empty());
 }

@@ -2,7 +2,7 @@
 #include <emt/adapters/peft.h>
 #include <emt/core/dataset.h>
 #include <emt/core/hf_checkpoint.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <emt/train/finetune.h>
 #include <torch/torch.h>

@@ -6,7 +6,7 @@
 #include <emt/core/image.h>
 #include <emt/core/llava.h>
 #include <emt/core/loader.h>
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <emt/core/tokenizer.h>
 #include <emt/train/finetune.h>

@@ -1,6 +1,6 @@
 // The one training loop: AdamW over parameter groups, schedules, accumulation, clipping, autocast, NaN guard,
 // atomic checkpoints with exact resume (weights, optimizer, step, data position, RNG), preemption, metrics.
-#include <emt/core/log.h>
+#include "core/logging.h"
 #include <emt/core/metrics.h>
 #include <emt/core/runtime.h>
 #include <emt/train/grad_scaler.h>

@@ -78,6 +78,11 @@ struct DatasetScores {
   double seconds = 0;                            // wall time spent on this dataset
 };
 
+// ConfigError when the config scores with the judge (eval.scorers or eval.primary_scorer) and the process has
+// not allowed a config's judge command to run (allow_config_judge in scoring.h). The Evaluator and the study
+// check it before any work.
+void check_config_judge(const RunConfig& cfg);
+
 class Evaluator {
  public:
   // Opens the TEST split of every dataset in cfg.eval.datasets (empty = all of cfg.data.datasets that are
@@ -85,7 +90,7 @@ class Evaluator {
   // eval.max_samples) chosen deterministically from cfg.run.seed, so every epoch scores exactly the same images.
   // Builds each dataset's strict label set (its aliases; the other eval datasets' class names as contradicting
   // phrases). ConfigError on unknown or unlabelled datasets named explicitly, unknown scorers, judge without a
-  // command.
+  // command, and a judge the process has not allowed (allow_config_judge in scoring.h).
   explicit Evaluator(const RunConfig& cfg);
   ~Evaluator();
   Evaluator(const Evaluator&) = delete;

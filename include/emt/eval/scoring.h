@@ -76,6 +76,12 @@ std::string judge_question(const std::string& label, const std::string& predicti
 // Throws emt::Error naming the command and what it printed on a non-zero exit, a signal, or any other answer.
 bool judge_says_yes(const std::string& command, const std::string& label, const std::string& prediction);
 
+// A config never runs a program by itself: the Evaluator refuses a configured judge (eval.judge_command with the
+// judge scorer) unless the process allowed it, which the CLI does for --allow-judge and a library user does in
+// code. Off by default; judge_says_yes itself, called with an explicit command, is not gated.
+void allow_config_judge(bool allowed);
+bool config_judge_allowed();
+
 // ---- re-scoring a run directory from its kept generations ------------------------------------------------------
 
 struct RescoreOptions {

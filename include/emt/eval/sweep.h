@@ -38,6 +38,8 @@ struct Sweep {
   int64_t ranks_per_task = 1;               // > 1: each task runs data-parallel (emt launch --nproc N)
   SweepSlurm slurm;
   std::vector<SweepTask> tasks;
+  bool allow_judge = false;                 // --allow-judge on the sweep's command line (never from the file):
+                                            // passed on to every study task
 
   std::string root() const;                 // <out_dir>/<name>: task directories, scripts, the report
 };
@@ -47,7 +49,8 @@ struct Sweep {
 Sweep load_sweep(const std::string& path);
 bool sweep_task_finished(const SweepTask& t);
 void mark_sweep_task_finished(const SweepTask& t, double seconds);  // atomic write of sweep_task.json
-// The command line of a task: {emt, command, config, overrides..., plus --no-report (study) or --resume (train)},
+// The command line of a task: {emt, command, config, overrides..., plus --no-report (study) or --resume (train),
+// and --allow-judge for a study when the sweep has it},
 // behind {emt, launch, --nproc, N, --} when ranks_per_task N > 1.
 std::vector<std::string> sweep_task_argv(const Sweep& s, const SweepTask& t, const std::string& emt_exe);
 // The job-array script for `indices` (the unfinished tasks) and the dependent report job's script.
