@@ -50,7 +50,8 @@ std::string to_string(ComponentMode m) {
 }
 
 const std::vector<std::string>& method_names() {
-  static const std::vector<std::string> names = {"linear", "lora", "lora-only", "prompt", "linear+prompt", "full"};
+  static const std::vector<std::string> names = {"linear", "lora",     "lora-only", "prompt", "linear+prompt",
+                                                 "full",   "lora-attn", "lora-mlp"};
   return names;
 }
 
@@ -60,7 +61,7 @@ TrainingPolicy policy_for_method(const std::string& method) {
   p.name = method;
   if (method == "linear") {
     p.projector = M::Full;
-  } else if (method == "lora") {
+  } else if (method == "lora" || method == "lora-attn" || method == "lora-mlp") {
     p.projector = M::Full;
     p.llm = M::Lora;
   } else if (method == "lora-only") {
@@ -73,6 +74,11 @@ TrainingPolicy policy_for_method(const std::string& method) {
   } else if (method == "full") {
     p.projector = M::Full;
     p.llm = M::Full;
+  } else if (const auto parts = split_method(method); !parts.mitigation.empty()) {
+    p = policy_for_method(parts.base);  // a mitigation trains its base method's components
+    if (!split_method(parts.base).mitigation.empty())
+      throw ConfigError("[policy] finetune.method '" + method + "': a mitigation runs on a method, not on another mitigation");
+    p.name = method;
   } else if (method.find('=') != std::string::npos) {
     p.name = "custom";
     std::set<std::string> seen;
@@ -106,6 +112,7 @@ TrainingPolicy policy_for_method(const std::string& method) {
   } else {
     std::string list;
     for (const auto& n : method_names()) list += (list.empty() ? "" : " | ") + n;
+    for (const auto& n : mitigation_names()) list += " | " + n;
     for (const auto& n : extension_names(ExtensionKind::method)) list += " | " + n;
     throw ConfigError("[policy] finetune.method '" + method + "' is not one of " + list +
                       " or an explicit 'vision=MODE,projector=MODE,llm=MODE[,prompt]'");
@@ -208,7 +215,19 @@ TrainableSetup apply_training_policy(torch::nn::Module& model, const TrainingPol
   return out;
 }
 
-TrainableSetup apply_method(LlavaModelImpl& model, const FinetuneSection& ft, const Tokenizer* tokenizer) {
+LoraConfig lora_for_method(const std::string& method, const LoraConfig& lora) {
+  const std::string base = split_method(method).base;
+  if (base != "lora-attn" && base != "lora-mlp") return lora;
+  LoraConfig out = lora;
+  out.target_regex.clear();
+  out.target_modules = base == "lora-attn" ? std::vector<std::string>{"q_proj", "k_proj", "v_proj", "o_proj"}
+                                           : std::vector<std::string>{"gate_proj", "up_proj"};
+  return out;
+}
+
+TrainableSetup apply_method(LlavaModelImpl& model, const FinetuneSection& ft_in, const Tokenizer* tokenizer) {
+  FinetuneSection ft = ft_in;
+  ft.lora = lora_for_method(ft.method, ft.lora);
   PolicyHooks hooks;
   hooks.tokenizer = tokenizer;
   hooks.set_prompt_prefix = [&model](const torch::Tensor& t) { model.set_prompt_prefix(t); };

@@ -62,8 +62,15 @@ emt::cli::RegisterCommand reg_pretrain([](CLI::App& root) {
   cmd->add_option("config", *path, "YAML config")->required();
   cmd->add_option("overrides", *overrides, "dotted.key=value overrides");
   cmd->add_flag("--force", *force, "rebuild even if the cached model matches the recipe");
+  auto print_recipe = std::make_shared<bool>(false);
+  cmd->add_flag("--print-recipe", *print_recipe,
+                "print the recipe text the cache is keyed by (its recipe.yaml must match it byte for byte) and exit");
   cmd->callback([=] {
     auto cfg = load_and_setup(*path, *overrides);
+    if (*print_recipe) {
+      std::cout << emt::pretrain_recipe(cfg);
+      return;
+    }
     emt::PretrainOptions po;
     po.force = *force;
     auto r = emt::build_base_model(cfg, po);

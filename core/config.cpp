@@ -316,7 +316,9 @@ void apply_overrides(const std::vector<std::string>& overrides, RunConfig& cfg, 
 
 // ---- validation ---------------------------------------------------------------------------------------------
 
-const std::vector<std::string> kMethods = {"linear", "lora", "lora-only", "prompt", "linear+prompt", "full"};
+const std::vector<std::string> kMethods = {"linear", "lora", "lora-only", "prompt", "linear+prompt", "full",
+                                           "lora-attn", "lora-mlp", "l2sp", "ewc", "lwf", "ema", "replay", "wise-ft"};
+const std::vector<std::string> kMitigations = {"l2sp", "ewc", "lwf", "ema", "replay", "wise-ft"};
 const std::vector<std::string> kScorers = {"strict", "clip", "likelihood", "judge"};
 const std::vector<std::string> kFormats = {"idx", "cifar10", "cifar100", "imagefolder", "manifest", "llava_json",
                                            "synthetic"};
@@ -335,8 +337,36 @@ std::vector<std::string> with_extensions(ExtensionKind kind) {
   return all;
 }
 
+}  // namespace
+
+const std::vector<std::string>& mitigation_names() { return kMitigations; }
+
+MethodParts split_method(const std::string& method) {
+  const auto colon = method.find(':');
+  const std::string head = method.substr(0, colon);
+  if (std::find(kMitigations.begin(), kMitigations.end(), head) == kMitigations.end()) return {method, ""};
+  return {colon == std::string::npos ? "lora" : method.substr(colon + 1), head};
+}
+
+namespace {
+
 struct Checker {
   Problems& p;
+  // A method name: a built-in or registered one, or MITIGATION:METHOD with METHOD one that is not a mitigation.
+  void method(const std::string& key, const std::string& v, const std::vector<std::string>& allowed) {
+    const auto colon = v.find(':');
+    if (colon == std::string::npos) return one_of(key, v, allowed);
+    const auto parts = split_method(v);
+    if (parts.mitigation.empty())
+      return fail(key, fmt::format("'{}': the part before ':' must be a mitigation ({}) (got '{}')", v,
+                                   fmt::join(kMitigations, ", "), v.substr(0, colon)));
+    std::vector<std::string> bases;
+    for (const auto& m : allowed)
+      if (split_method(m).mitigation.empty()) bases.push_back(m);
+    if (std::find(bases.begin(), bases.end(), parts.base) == bases.end())
+      fail(key, fmt::format("'{}': the method after ':' must be one of {} (got '{}')", v, fmt::join(bases, ", "),
+                            parts.base));
+  }
   void fail(const std::string& key, const std::string& msg) { p.add(p.where_of(key), key, msg); }
   void one_of(const std::string& key, const std::string& v, const std::vector<std::string>& allowed) {
     if (std::find(allowed.begin(), allowed.end(), v) != allowed.end()) return;
@@ -484,7 +514,7 @@ void check_lora(const LoraConfig& lora, Checker& ck) {
 void check_finetune(const RunConfig& c, Checker& ck) {
   const auto& f = c.finetune;
   if (!f.dataset.empty()) ck.dataset_ref("finetune.dataset", f.dataset, c);
-  ck.one_of("finetune.method", f.method, with_extensions(ExtensionKind::method));
+  ck.method("finetune.method", f.method, with_extensions(ExtensionKind::method));
   ck.non_negative("finetune.max_steps", f.max_steps);
   if (f.epochs < 1 && f.max_steps <= 0) ck.fail("finetune.epochs", fmt::format("must be >= 1 unless finetune.max_steps > 0 (got {})", f.epochs));
   ck.positive("finetune.batch_size", f.batch_size);
@@ -505,6 +535,20 @@ void check_finetune(const RunConfig& c, Checker& ck) {
   ck.non_negative("finetune.checkpoint_every_steps", f.checkpoint_every_steps);
   ck.positive("finetune.log_every_steps", f.log_every_steps);
   check_lora(f.lora, ck);
+  const auto& m = f.mitigation;
+  ck.one_of("finetune.mitigation.reference", m.reference, {"generic", "datasets"});
+  if (!(m.replay_ratio > 0 && m.replay_ratio < 1))
+    ck.fail("finetune.mitigation.replay_ratio", fmt::format("must be in (0, 1) (got {})", m.replay_ratio));
+  ck.non_negative("finetune.mitigation.l2sp_weight", m.l2sp_weight);
+  ck.non_negative("finetune.mitigation.ewc_weight", m.ewc_weight);
+  ck.positive("finetune.mitigation.ewc_fisher_batches", m.ewc_fisher_batches);
+  ck.non_negative("finetune.mitigation.lwf_weight", m.lwf_weight);
+  ck.positive("finetune.mitigation.lwf_temperature", m.lwf_temperature);
+  if (!(m.ema_decay > 0 && m.ema_decay < 1))
+    ck.fail("finetune.mitigation.ema_decay", fmt::format("must be in (0, 1) (got {})", m.ema_decay));
+  if (m.wise_ft_alphas.empty()) ck.fail("finetune.mitigation.wise_ft_alphas", "needs at least one weight");
+  for (size_t i = 0; i < m.wise_ft_alphas.size(); ++i)
+    ck.in_range(fmt::format("finetune.mitigation.wise_ft_alphas[{}]", i), m.wise_ft_alphas[i], 0.0, 1.0);
   ck.positive("finetune.prompt_tuning.num_virtual_tokens", f.prompt_tuning.num_virtual_tokens);
   ck.one_of("finetune.prompt_tuning.init", f.prompt_tuning.init, {"random", "text"});
   if (f.prompt_tuning.init == "text" && f.prompt_tuning.init_text.empty())
@@ -537,11 +581,11 @@ void check_study(const RunConfig& c, Checker& ck) {
   for (size_t i = 0; i < s.finetune_datasets.size(); ++i)
     ck.dataset_ref(fmt::format("study.finetune_datasets[{}]", i), s.finetune_datasets[i], c);
   const auto methods = with_extensions(ExtensionKind::method);
-  for (size_t i = 0; i < s.methods.size(); ++i) ck.one_of(fmt::format("study.methods[{}]", i), s.methods[i], methods);
+  for (size_t i = 0; i < s.methods.size(); ++i) ck.method(fmt::format("study.methods[{}]", i), s.methods[i], methods);
   if (s.seeds.empty()) ck.fail("study.seeds", "needs at least one seed");
   ck.positive("study.epochs", s.epochs);
   for (const auto& [meth, lr] : s.learning_rate_by_method) {
-    ck.one_of("study.learning_rate_by_method." + meth, meth, methods);
+    ck.method("study.learning_rate_by_method." + meth, meth, methods);
     ck.positive("study.learning_rate_by_method." + meth, lr);
   }
 }
@@ -698,7 +742,7 @@ void add_extension_name(ExtensionKind kind, const std::string& name, const std::
   if (std::find(builtin.begin(), builtin.end(), name) != builtin.end())
     throw ConfigError(fmt::format("[extensions] '{}' is a built-in {}: register yours under another name", name, w));
   if (kind == ExtensionKind::method &&
-      std::find(kMethods.begin(), kMethods.end(), base) == kMethods.end())
+      (std::find(kMethods.begin(), kMethods.end(), base) == kMethods.end() || !split_method(base).mitigation.empty()))
     throw ConfigError(fmt::format("[extensions] method '{}': its base must be a built-in method ({}), got '{}'", name,
                                   fmt::join(kMethods, ", "), base));
   std::lock_guard<std::mutex> l(g_ext_mutex);

@@ -105,6 +105,7 @@ struct DataLoader::Impl {
     const int64_t b1 = std::min<int64_t>(b0 + opts.batch_size, static_cast<int64_t>(order.size()));
     Batch out;
     out.number = global_batch(k);
+    out.epoch = epoch;
     std::vector<torch::Tensor> images;
     std::vector<std::vector<int64_t>> seqs, labs;
     for (int64_t p = b0; p < b1; ++p) {

@@ -7,6 +7,7 @@
 #include <emt/eval/report.h>
 #include <emt/eval/study.h>
 #include <emt/train/finetune.h>
+#include <emt/train/mitigation.h>
 #include <emt/train/pretrain.h>
 #include <torch/torch.h>
 
@@ -142,10 +143,31 @@ class Study {
   }
 
   bool epoch_done(const std::string& ft, const std::string& method, int64_t seed, int64_t epoch) const {
-    for (const auto& d : evaluator_->datasets())
-      for (const auto& sc : evaluator_->scorers_for(d))
-        if (!done_.count(make_result_row("mllm", ft, method, seed, epoch, d, sc, {}, "").key())) return false;
+    const auto labels = ft.empty() ? std::vector<std::string>{method} : scored_method_labels(method, cfg_.finetune.mitigation);
+    for (const auto& label : labels)
+      for (const auto& d : evaluator_->datasets())
+        for (const auto& sc : evaluator_->scorers_for(d))
+          if (!done_.count(make_result_row("mllm", ft, label, seed, epoch, d, sc, {}, "").key())) return false;
     return true;
+  }
+
+  // Scores one epoch of a cell: the model as it is, or for wise-ft each interpolation toward the base (`view`
+  // holds the base), each under its own method label; the model is left as it was.
+  void score_epoch(const BaseModel& base, BaseView* view, const std::string& ft, const std::string& method,
+                   int64_t seed, int64_t epoch, const std::string& pred_dir) {
+    if (!view) return score(base, ft, method, seed, epoch, pred_dir);
+    const auto& alphas = cfg_.finetune.mitigation.wise_ft_alphas;
+    try {
+      for (double a : alphas) {
+        const std::string label = wise_ft_label(method, a);
+        view->interpolate(a);
+        score(base, ft, label, seed, epoch, pred_dir + "/" + label);
+      }
+    } catch (...) {
+      view->interpolate(1.0);
+      throw;
+    }
+    view->interpolate(1.0);
   }
 
   // Every rank keeps the same record of finished rows (they decide together what is left); rank 0 writes them.
@@ -206,8 +228,11 @@ class Study {
     c.finetune.max_steps = 0;
     c.finetune.keep_last_n = 0;  // every epoch's checkpoint stays: a lost evaluation can be redone from it
     c.run.seed = seed;
-    auto it = cfg_.study.learning_rate_by_method.find(method);
-    if (it != cfg_.study.learning_rate_by_method.end()) c.finetune.learning_rate = it->second;
+    // a mitigation without a rate of its own trains at its base method's rate
+    const auto& rates = cfg_.study.learning_rate_by_method;
+    auto it = rates.find(method);
+    if (it == rates.end()) it = rates.find(split_method(method).base);
+    if (it != rates.end()) c.finetune.learning_rate = it->second;
     return c;
   }
 
@@ -222,6 +247,7 @@ class Study {
       return;
     }
     RunConfig c = cell_config(ft, method, seed);
+    const bool wise_ft = split_method(method).mitigation == "wise-ft";
     const std::string cell_dir = run_dir_ + "/cells/" + name;
     const std::string pred_root = run_dir_ + "/predictions/" + name;
     // Epochs trained before a kill but not yet scored are scored from their checkpoints first.
@@ -230,13 +256,11 @@ class Study {
       if (epoch_done(ft, method, seed, e) || !fs::exists(ck + "/trainable.safetensors")) continue;
       log_info("[study] {}: scoring epoch {} from its checkpoint (its evaluation was interrupted)", name, e);
       BaseModel b = load_base_model(c);
+      std::unique_ptr<BaseView> view = wise_ft ? std::make_unique<BaseView>(*b.model) : nullptr;
       auto setup = apply_method(*b.model, c.finetune, b.tokenizer.get());
-      SafetensorsReader r(ck + "/trainable.safetensors");
-      NamedTensors t;
-      for (const auto& n : r.names()) t.emplace_back(n, r.load(n));
-      load_trainable_tensors(*b.model, t, setup.prompt_embeddings, ck + "/trainable.safetensors");
+      load_scored_weights(*b.model, setup, method, ck + "/trainable.safetensors");
       b.model->eval();
-      score(b, ft, method, seed, e, pred_root + "/epoch_" + std::to_string(e));
+      score_epoch(b, view.get(), ft, method, seed, e, pred_root + "/epoch_" + std::to_string(e));
       ++recovered_;
       preempted_check("epoch " + std::to_string(e) + " of cell " + name + " is scored");
     }
@@ -246,6 +270,7 @@ class Study {
 
     seed_everything(static_cast<uint64_t>(seed));
     BaseModel base = load_base_model(c);
+    std::unique_ptr<BaseView> view = wise_ft ? std::make_unique<BaseView>(*base.model) : nullptr;  // before training
     FinetuneOptions fo;
     fo.run_dir = cell_dir;
     fo.resume = true;
@@ -254,7 +279,7 @@ class Study {
     fo.on_epoch = [&](const EpochEnd& ee) {
       if (!epoch_done(ft, method, seed, ee.epoch)) {
         fault_point("epoch_score");
-        score(base, ft, method, seed, ee.epoch, pred_root + "/epoch_" + std::to_string(ee.epoch));
+        score_epoch(base, view.get(), ft, method, seed, ee.epoch, pred_root + "/epoch_" + std::to_string(ee.epoch));
       }
       // The epoch's checkpoint is committed before this callback: stopping here loses nothing.
       preempted_check("epoch " + std::to_string(ee.epoch) + " of cell " + name + " is checkpointed and scored");

@@ -273,7 +273,8 @@ TEST_CASE("policy: named methods map onto component modes", "[adapters]") {
   CHECK((p.vision == M::Full && p.projector == M::Lora && p.llm == M::Frozen && p.prompt));
   CHECK(p.name == "custom");
   CHECK(emt::describe_policy(p) == "vision=full projector=lora llm=frozen prompt=yes");
-  CHECK(emt::method_names().size() == 6);
+  CHECK(emt::method_names().size() == 8);  // lora-attn and lora-mlp: lora on a subset of the layers
+  CHECK(config_error([] { emt::policy_for_method("qlora"); }).find("wise-ft") != std::string::npos);
 
   CHECK(config_error([] { emt::policy_for_method("qlora"); }).find("linear | lora") != std::string::npos);
   CHECK(config_error([] { emt::policy_for_method("vision=half"); }).find("'half'") != std::string::npos);

@@ -214,6 +214,66 @@ std::map<std::string, std::string> result_rows(const std::string& run_dir) {
 }
 }  // namespace
 
+TEST_CASE("e2e: mitigation methods in a study: wise-ft at 0 is the base, at 1 the lora cell; ema and replay resume exactly",
+          "[e2e][slow][mitigation]") {
+  const auto& w = tiny_world();
+  auto r = emt_test::run_cli("study " + w.config +
+                             " study.finetune_datasets=[quad] study.epochs=1 run.name=mitig --no-report"
+                             " 'study.methods=[lora, wise-ft, ema, l2sp, ewc, lwf, replay, lora-attn, lora-mlp, \"replay:linear\"]'"
+                             " 'finetune.mitigation.wise_ft_alphas=[0, 1]' finetune.mitigation.reference=datasets"
+                             " 'study.learning_rate_by_method={lora: 0.03, linear: 0.03}'");  // rates that move answers
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  const auto rows = result_rows(w.dir + "/runs/mitig");
+  auto row = [&](const std::string& method, int epoch, const std::string& d) {
+    const std::string key = "mllm|" + std::string(epoch == 0 ? "" : "quad") + "|" + method + "|0|" +
+                            std::to_string(epoch) + "|" + d + "|strict";
+    auto it = rows.find(key);
+    return it == rows.end() ? std::string("missing: ") + key : it->second;
+  };
+  for (const std::string d : {"quad", "quad2"}) {
+    for (const std::string m : {"lora", "wise-ft@0", "wise-ft@1", "ema", "l2sp", "ewc", "lwf", "replay", "lora-attn",
+                                "lora-mlp", "replay:linear"})
+      CHECK(row(m, 1, d).rfind("missing", 0) != 0);
+    CHECK(row("wise-ft@0", 1, d) == row("base", 0, d));  // no retraining: a = 0 is the base model
+    CHECK(row("wise-ft@1", 1, d) == row("lora", 1, d));  // wise-ft trains exactly as lora
+    // the same answers, word for word (the tiny model's accuracy alone would not tell them apart)
+    auto outputs = [&](const std::string& rel) {
+      std::vector<std::string> out;
+      std::ifstream in(w.dir + "/runs/mitig/predictions/" + rel + "/" + d + ".jsonl");
+      std::string line;
+      while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line)["output"].get<std::string>());
+      return out;
+    };
+    const auto base = outputs("base"), lora = outputs("quad__lora__seed0/epoch_1");
+    REQUIRE(!base.empty());
+    CHECK(base != lora);  // fine-tuning changed the answers
+    CHECK(outputs("quad__wise-ft__seed0/epoch_1/wise-ft@0") == base);
+    CHECK(outputs("quad__wise-ft__seed0/epoch_1/wise-ft@1") == lora);
+  }
+  emt::SafetensorsReader ck(w.dir + "/runs/mitig/cells/quad__ema__seed0/epoch_1/trainable.safetensors");
+  int averaged = 0, trained = 0;
+  for (const auto& n : ck.names()) (n.rfind("ema/", 0) == 0 ? averaged : trained) += 1;
+  CHECK(trained > 0);
+  CHECK(averaged == trained);
+
+  // kill -9 mid-epoch and --resume: the replayed batches and the moving average come out exactly as straight
+  for (const std::string method : {"replay", "ema"}) {
+    const std::string m = " finetune.method=" + method + " run.name=";
+    auto a = emt_test::run_cli("train " + w.config + m + "mit_straight_" + method);
+    REQUIRE(a.code == 0);
+    auto b = emt_test::run_cli_env("EMT_FAULT_AT_STEP=17:KILL", "train " + w.config + m + "mit_killed_" + method);
+    CHECK(b.code == 128 + 9);
+    auto c = emt_test::run_cli("train " + w.config + m + "mit_killed_" + method + " --resume");
+    INFO(c.output);
+    REQUIRE(c.code == 0);
+    CHECK(metric_lines(w.dir + "/runs/mit_straight_" + method) == metric_lines(w.dir + "/runs/mit_killed_" + method));
+    const std::string f = "/epoch_2/trainable.safetensors";
+    CHECK(emt_test::slurp(w.dir + "/runs/mit_straight_" + method + f) ==
+          emt_test::slurp(w.dir + "/runs/mit_killed_" + method + f));
+  }
+}
+
 TEST_CASE("e2e: a preemption notice during pretraining exits 75 and leaves no partial base model", "[e2e][slow]") {
   const auto& w = tiny_world();
   const std::string cache = w.dir + "/base-preempted";

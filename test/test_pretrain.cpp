@@ -284,3 +284,25 @@ TEST_CASE("no pretraining text contains a study prompt or answer (built-in datas
 }
 
 }  // namespace emt
+
+TEST_CASE("pretrain: the recipe text holds what shapes the base model and nothing else", "[pretrain]") {
+  const emt::RunConfig cfg = emt::load_config_string("data: {datasets: {d: {format: idx, path: d}}}\n");
+  const std::string recipe = emt::pretrain_recipe(cfg);
+  CHECK_THAT(recipe, Catch::Contains("recipe_version: 4") && Catch::Contains("clip_steps") &&
+                         Catch::Contains("hidden_size") && Catch::Contains("question"));
+  CHECK_THAT(recipe, !Catch::Contains("mitigation") && !Catch::Contains("learning_rate_by_method") &&
+                         !Catch::Contains("cache_dir") && !Catch::Contains("max_new_tokens"));
+  // settings of fine-tuning, scoring and the study keep the cache valid
+  for (const char* o : {"finetune.mitigation.ewc_weight=3", "finetune.learning_rate=0.5", "study.epochs=9",
+                        "eval.max_samples=7", "pretrain.cache_dir=/elsewhere", "run.name=other",
+                        "data.datasets.d.train_max_samples=5"}) {
+    INFO(o);
+    CHECK(emt::pretrain_recipe(emt::load_config_string("data: {datasets: {d: {format: idx, path: d}}}\n", {o})) == recipe);
+  }
+  // what shapes the model does not
+  for (const char* o : {"pretrain.clip_steps=7", "model.llm.num_layers=1", "run.seed=3", "run.dtype=bf16",
+                        "finetune.question=What?", "data.datasets.d.path=e"}) {
+    INFO(o);
+    CHECK(emt::pretrain_recipe(emt::load_config_string("data: {datasets: {d: {format: idx, path: d}}}\n", {o})) != recipe);
+  }
+}

@@ -5,6 +5,7 @@
 #include "core/logging.h"
 #include <emt/core/runtime.h>
 #include <emt/train/finetune.h>
+#include <emt/train/mitigation.h>
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -60,7 +61,7 @@ void save_method_artifacts(LlavaModelImpl& model, const TrainableSetup& setup, c
     LoraSaveOptions so;
     so.base_model_name_or_path = base_dir;
     if (p.projector == ComponentMode::Full) so.modules_to_save = {kProjectorRoot};
-    save_lora_adapter(model, ft.lora, dir, so);
+    save_lora_adapter(model, lora_for_method(ft.method, ft.lora), dir, so);
   } else if (p.prompt) {
     PromptAdapterMeta meta;
     meta.base_model_name_or_path = base_dir;
@@ -78,8 +79,24 @@ void save_method_artifacts(LlavaModelImpl& model, const TrainableSetup& setup, c
 
 StepLoss LlavaObjective::loss(const Batch& batch) {
   StepLoss s;
-  s.loss = model_->loss(batch.images.to(device_), batch.input_ids.to(device_), batch.attention_mask.to(device_),
-                        batch.labels.to(device_));
+  const auto images = batch.images.to(device_), ids = batch.input_ids.to(device_),
+             mask = batch.attention_mask.to(device_), labels = batch.labels.to(device_);
+  if (teacher_) {
+    LlavaOutput out = model_->forward(images, ids, mask, labels);
+    const torch::Tensor base = teacher_->base_logits(images, ids, mask);
+    s.loss = out.loss + kd_weight_ * distillation_kl(out.logits, base, out.labels, kd_temperature_).to(out.loss.scalar_type());
+  } else {
+    s.loss = model_->loss(images, ids, mask, labels);
+  }
+  int64_t replayed = 0;
+  if (replay_) {
+    const Batch r = replay_(batch.epoch * replay_per_epoch_ + batch.number);
+    const torch::Tensor lr = model_->loss(r.images.to(device_), r.input_ids.to(device_),
+                                          r.attention_mask.to(device_), r.labels.to(device_));
+    s.loss = (1.0 - replay_ratio_) * s.loss + replay_ratio_ * lr.to(s.loss.scalar_type());
+    replayed = r.attention_mask.sum().item<int64_t>() +
+               (r.images.defined() ? r.size() * (model_->options.num_image_tokens() - 1) : 0);
+  }
   if (term_) {
     torch::Tensor extra = term_(LossTermInput{batch, s.loss, *model_, trained_});
     if (!extra.defined() || extra.numel() != 1)
@@ -90,8 +107,20 @@ StepLoss LlavaObjective::loss(const Batch& batch) {
   s.tokens = (batch.labels != -100).sum().item<int64_t>();  // labels live on the host: no device sync
   // the decoder's sequence: the unpadded text, each image token replaced by the image's tokens
   s.processed = batch.attention_mask.sum().item<int64_t>() +
-                (batch.images.defined() ? batch.size() * (model_->options.num_image_tokens() - 1) : 0);
+                (batch.images.defined() ? batch.size() * (model_->options.num_image_tokens() - 1) : 0) + replayed;
   return s;
+}
+
+void LlavaObjective::set_distillation(std::shared_ptr<BaseView> base, double weight, double temperature) {
+  teacher_ = std::move(base);
+  kd_weight_ = weight;
+  kd_temperature_ = temperature;
+}
+
+void LlavaObjective::set_replay(std::function<Batch(int64_t)> data, double ratio, int64_t batches_per_epoch) {
+  replay_ = std::move(data);
+  replay_ratio_ = ratio;
+  replay_per_epoch_ = std::max<int64_t>(1, batches_per_epoch);
 }
 
 void LlavaObjective::set_train(bool on) { model_->train(on); }
@@ -130,6 +159,72 @@ void register_method(const std::string& name, MethodSpec spec) {
   registered_methods()[name] = std::move(spec);
 }
 
+LoaderOptions training_loader_options(const RunConfig& cfg, const BaseModel& base, int64_t batch_size, uint64_t seed) {
+  LoaderOptions lo;
+  lo.batch_size = batch_size;
+  lo.shuffle = true;
+  lo.with_answer = true;
+  lo.seed = seed;
+  lo.workers = cfg.data.workers;
+  lo.prefetch = cfg.data.prefetch;
+  lo.padding_side = "right";
+  lo.conversation = base.conversation;
+  lo.system = base.system;
+  lo.image = base.image;
+  return lo;
+}
+
+namespace {
+// What a mitigation method adds to the objective; returns the moving average for ema (null otherwise).
+std::shared_ptr<WeightAverage> add_mitigation(LlavaObjective& objective, BaseModel& base, const RunConfig& cfg,
+                                              const TrainableSetup& setup, int64_t batches_per_epoch,
+                                              const FinetuneOptions& opts) {
+  const auto& ft = cfg.finetune;
+  const auto& mc = ft.mitigation;
+  const std::string mit = split_method(ft.method).mitigation;
+  if (mit.empty() || mit == "wise-ft") {  // wise-ft trains as its base method; the study scores the interpolations
+    if (mit == "wise-ft" && (setup.policy.prompt || setup.policy.llm == ComponentMode::Full ||
+                             setup.policy.vision == ComponentMode::Full))
+      throw ConfigError("[finetune] finetune.method '" + ft.method +
+                        "': wise-ft interpolates LoRA and the projector, so its method must train only those");
+    return nullptr;
+  }
+  NamedTensors live = live_trained(*base.model, setup.prompt_embeddings), initial;
+  for (const auto& [n, t] : live) initial.emplace_back(n, t.detach().clone());
+  const uint64_t seed = static_cast<uint64_t>(cfg.run.seed) + 7919u * static_cast<uint64_t>(opts.comm ? opts.comm->rank() : 0);
+  if (mit == "l2sp") {
+    const double w = mc.l2sp_weight;
+    objective.set_loss_term([w, initial](const LossTermInput& in) { return w * weighted_sq_distance(in.trained, initial); },
+                            live);
+  } else if (mit == "ewc") {
+    ReferenceStream ref(cfg, base, ft.batch_size, seed);
+    NamedTensors fisher =
+        diagonal_fisher(*base.model, live, [&ref] { return ref.next(); }, mc.ewc_fisher_batches, base.device);
+    log_info("[finetune] ewc: diagonal Fisher from {} reference batches of {} ({} source(s))", mc.ewc_fisher_batches,
+             ft.batch_size, ref.sources());
+    const double w = mc.ewc_weight;
+    objective.set_loss_term(
+        [w, initial, fisher](const LossTermInput& in) { return w * weighted_sq_distance(in.trained, initial, fisher); },
+        live);
+  } else if (mit == "lwf") {
+    if (setup.policy.llm == ComponentMode::Full || setup.policy.vision == ComponentMode::Full)
+      throw ConfigError("[finetune] finetune.method '" + ft.method +
+                        "': lwf sees the base inside the tuned model (LoRA scale 0, base projector), so its method "
+                        "must not train the LLM or the vision tower in full");
+    objective.set_distillation(std::make_shared<BaseView>(*base.model), mc.lwf_weight, mc.lwf_temperature);
+  } else if (mit == "replay") {
+    const int64_t rb = replay_batch_size(mc.replay_ratio, ft.batch_size);
+    auto ref = std::make_shared<ReferenceStream>(cfg, base, rb, seed);
+    log_info("[finetune] replay: {} reference samples beside every {} fine-tuning samples ({} source(s))", rb,
+             ft.batch_size, ref->sources());
+    objective.set_replay([ref](int64_t g) { return ref->at(g); }, mc.replay_ratio, batches_per_epoch);
+  } else if (mit == "ema") {
+    return std::make_shared<WeightAverage>(live, mc.ema_decay);
+  }
+  return nullptr;
+}
+}  // namespace
+
 TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptions& opts) {
   const auto& ft = cfg.finetune;
   if (ft.dataset.empty()) throw ConfigError("[finetune] finetune.dataset: must name the dataset to fine-tune on");
@@ -142,17 +237,7 @@ TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptio
   PromptSpec prompts;
   prompts.questions = {ft.question};
   prompts.answer_template = dcfg.answer;
-  LoaderOptions lo;
-  lo.batch_size = ft.batch_size;
-  lo.shuffle = true;
-  lo.with_answer = true;
-  lo.seed = static_cast<uint64_t>(cfg.run.seed);
-  lo.workers = cfg.data.workers;
-  lo.prefetch = cfg.data.prefetch;
-  lo.padding_side = "right";
-  lo.conversation = base.conversation;
-  lo.system = base.system;
-  lo.image = base.image;
+  LoaderOptions lo = training_loader_options(cfg, base, ft.batch_size, static_cast<uint64_t>(cfg.run.seed));
   lo.skip_bad = dcfg.skip_bad;
   if (opts.comm) {
     lo.rank = opts.comm->rank();
@@ -175,15 +260,31 @@ TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptio
     for (const auto& [n, t] : live) initial.emplace_back(n, t.detach().clone());
     if (LossTerm term = spec->make_loss_term(initial)) objective.set_loss_term(std::move(term), std::move(live));
   }
+  std::shared_ptr<WeightAverage> ema = add_mitigation(objective, base, cfg, setup, loader.num_batches(), opts);
   auto source = loader_source(loader);
   TrainableIO io;
   torch::Tensor prompt = setup.prompt_embeddings;
-  io.get = [&base, prompt] { return trainable_tensors(*base.model, prompt); };
-  io.set = [&base, prompt](const NamedTensors& t) { load_trainable_tensors(*base.model, t, prompt, "checkpoint"); };
-  io.save_artifacts = [&base, &cfg, setup](const std::string& dir) {
-    save_method_artifacts(*base.model, setup, cfg.finetune, dir, base_model_dir(cfg));
+  io.get = [&base, prompt, ema] {
+    NamedTensors t = trainable_tensors(*base.model, prompt);
+    if (ema)
+      for (auto& e : ema->state()) t.push_back(std::move(e));
+    return t;
+  };
+  io.set = [&base, prompt, ema](const NamedTensors& t) {
+    load_trainable_tensors(*base.model, ema ? ema->load_state(t, "checkpoint") : t, prompt, "checkpoint");
+  };
+  io.save_artifacts = [&base, &cfg, setup, ema](const std::string& dir) {
+    if (ema) ema->swap();  // an ema checkpoint's adapter files hold the average: what the study scores
+    try {
+      save_method_artifacts(*base.model, setup, cfg.finetune, dir, base_model_dir(cfg));
+    } catch (...) {
+      if (ema) ema->swap();
+      throw;
+    }
+    if (ema) ema->swap();
   };
   TrainerOptions to = trainer_options(ft, cfg.run);
+  if (ema) to.after_step = [ema] { ema->update(); };
   to.run_dir = opts.run_dir;
   to.config_yaml = config_to_yaml(cfg);
   to.compat = resume_compat(cfg);
@@ -192,8 +293,36 @@ TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptio
   to.label = ft.method + "/" + ft.dataset;
   to.comm = opts.comm;
   Trainer trainer(objective, *source, setup.groups, io, to);
-  if (opts.on_epoch) trainer.on_epoch_end(opts.on_epoch);
+  if (opts.on_epoch) {
+    auto cb = opts.on_epoch;
+    trainer.on_epoch_end([cb, ema](const EpochEnd& e) {
+      if (!ema) return cb(e);
+      ema->swap();  // scored: the moving average
+      try {
+        cb(e);
+      } catch (...) {
+        ema->swap();
+        throw;
+      }
+      ema->swap();
+    });
+  }
   return trainer.fit();
+}
+
+void load_scored_weights(LlavaModelImpl& model, const TrainableSetup& setup, const std::string& method,
+                         const std::string& trainable_file) {
+  SafetensorsReader r(trainable_file);
+  NamedTensors t;
+  for (const auto& n : r.names()) t.emplace_back(n, r.load(n));
+  if (split_method(method).mitigation == "ema") {
+    WeightAverage avg(live_trained(model, setup.prompt_embeddings), 0.5);
+    t = avg.load_state(t, trainable_file);  // the trained tensors, with the average kept aside
+    load_trainable_tensors(model, t, setup.prompt_embeddings, trainable_file);
+    avg.swap();  // the model now holds the average
+    return;
+  }
+  load_trainable_tensors(model, t, setup.prompt_embeddings, trainable_file);
 }
 
 }  // namespace emt

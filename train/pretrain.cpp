@@ -25,6 +25,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <yaml-cpp/yaml.h>
 
 namespace emt {
 namespace fs = std::filesystem;
@@ -211,19 +212,32 @@ std::string write_corpus(const std::string& path, const std::vector<std::string>
 // ---- the recipe ----------------------------------------------------------------------------------------------
 
 std::string pretrain_recipe(const RunConfig& cfg) {
-  RunConfig r;  // only what shapes the result
+  RunConfig r;
   r.model = cfg.model;
   r.model.pretrained.clear();
   r.data.datasets = cfg.data.datasets;
   // The recipe draws its own subsets (pretrain.train_max_samples): the fine-tuning bounds do not shape it.
   for (auto& [name, d] : r.data.datasets) d.train_max_samples = DatasetConfig{}.train_max_samples;
   r.pretrain = cfg.pretrain;
-  r.pretrain.cache_dir.clear();
   r.run.seed = cfg.run.seed;
   r.run.dtype = cfg.run.dtype;
   r.finetune.question = cfg.finetune.question;  // part of the tokenizer's corpus
-  return "# emt tiny base-model recipe (the cache is reused while this text is unchanged)\nrecipe_version: 3\n" +
-         config_to_yaml(r);
+  // Only the keys that shape the model are written, so a new key elsewhere (a fine-tuning or study setting)
+  // leaves every cached base valid.
+  const YAML::Node all = YAML::Load(config_to_yaml(r));
+  YAML::Node keep(YAML::NodeType::Map);
+  keep["recipe_version"] = 4;
+  keep["run"]["seed"] = all["run"]["seed"];
+  keep["run"]["dtype"] = all["run"]["dtype"];
+  keep["model"] = all["model"];
+  keep["data"]["datasets"] = all["data"]["datasets"];
+  keep["pretrain"] = all["pretrain"];
+  keep["pretrain"].remove("cache_dir");
+  keep["finetune"]["question"] = all["finetune"]["question"];
+  YAML::Emitter out;
+  out << keep;
+  return "# emt tiny base-model recipe (the cache is reused while this text is unchanged)\n" + std::string(out.c_str()) +
+         "\n";
 }
 
 std::vector<PretrainSource> pretrain_sources(const RunConfig& cfg) {

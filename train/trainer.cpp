@@ -566,6 +566,7 @@ Trainer::StepFigures Trainer::optimizer_step(Loop& run, torch::Tensor loss_sum, 
       static_cast<torch::optim::AdamWOptions&>(pgs[g].options()).lr(run.base_lr[g] * f);
     optimizer_->step();
     optimizer_->zero_grad();
+    if (opts_.after_step) opts_.after_step();
     st.epoch_loss_sum += mean_loss;
     st.epoch_loss_n += 1;
     run.summary.losses.push_back(mean_loss);

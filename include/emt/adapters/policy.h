@@ -1,5 +1,6 @@
 // What gets trained: each of {vision, projector, llm} is frozen | lora | full, plus optional prompt tuning.
-// Named methods (linear, lora, lora-only, prompt, linear+prompt, full) map onto a policy; applying it to a model
+// Named methods (linear, lora, lora-only, prompt, linear+prompt, full, lora-attn, lora-mlp) map onto a policy, a
+// mitigation (l2sp, ewc, lwf, ema, replay, wise-ft; train/mitigation.h) onto its base method's; applying it to a model
 // injects LoRA / creates prompt embeddings / sets requires_grad and returns the optimizer's parameter groups.
 #pragma once
 #include <emt/core/config.h>
@@ -68,7 +69,10 @@ struct PolicyHooks {
 // go to the no-decay groups. ConfigError for invalid LoRA/prompt settings or a prompt policy without the hook.
 TrainableSetup apply_training_policy(torch::nn::Module& model, const TrainingPolicy& policy,
                                      const FinetuneSection& ft, const PolicyHooks& hooks = {});
-// policy_for_method(ft.method) applied to a LLaVA model (prompt embeddings handed to set_prompt_prefix).
+// The LoRA settings a method trains with: lora-attn adapts only q/k/v/o_proj, lora-mlp only gate_proj and up_proj
+// (target_regex cleared); every other method keeps `lora` as it is.
+LoraConfig lora_for_method(const std::string& method, const LoraConfig& lora);
+// policy_for_method(ft.method) applied to a LLaVA model (LoRA targets from lora_for_method) (prompt embeddings handed to set_prompt_prefix).
 TrainableSetup apply_method(LlavaModelImpl& model, const FinetuneSection& ft, const Tokenizer* tokenizer = nullptr);
 
 // Exactly what is trained, by name: every parameter with requires_grad (its module path), plus

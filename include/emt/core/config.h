@@ -129,9 +129,7 @@ struct ModelSection {
     v("conversation", conversation, "prompt template: plain | vicuna_v1 | llava_v0");
     v("system_prompt", system_prompt, "system text; empty = the template's default");
     v("tokenizer", tokenizer, "SentencePiece tokenizer.model; empty = from model.pretrained or the tiny recipe");
-    v("vision_tower", vision_tower,
-      "CLIP model directory for an original-layout LLaVA checkpoint, which holds no tower (config.json names it in "
-      "mm_vision_tower); empty = mm_vision_tower when that is a local directory");
+    v("vision_tower", vision_tower, "CLIP model directory for an original-layout LLaVA checkpoint, which holds no tower (config.json names it in mm_vision_tower); empty = mm_vision_tower when that is a local directory");
     v("vision", vision, "CLIP vision tower shape");
     v("clip_text", clip_text, "CLIP text tower shape");
     v("llm", llm, "language model shape");
@@ -221,9 +219,43 @@ struct PromptTuningConfig {
   }
 };
 
+// Forgetting mitigations (docs/mitigation.md): what the study methods l2sp, ewc, lwf, ema, replay and wise-ft add to
+// the method they run on (lora, or the one after ':' as in ewc:linear).
+struct MitigationConfig {
+  std::string reference = "generic";  // replay / EWC data: generic (the tiny base's own instruction set) | datasets
+  double replay_ratio = 0.25;         // replay: share of each combined batch drawn from the reference data
+  double l2sp_weight = 0.01;          // l2sp: w * sum (theta - theta_0)^2 over the trained tensors
+  double ewc_weight = 0.01;           // ewc: w * sum F (theta - theta_0)^2, F the diagonal Fisher scaled to mean 1
+  int64_t ewc_fisher_batches = 8;     // ewc: reference batches the Fisher is estimated on
+  double lwf_weight = 1.0;            // lwf: w * T^2 * KL(base || model) on the answer tokens
+  double lwf_temperature = 2.0;       // lwf: softmax temperature T
+  double ema_decay = 0.99;            // ema: average <- d * average + (1 - d) * theta after every optimizer step
+  std::vector<double> wise_ft_alphas = {0.25, 0.5, 0.75, 1.0};  // wise-ft: base + a * (tuned - base), scored
+
+  template <class V> void visit(V& v) {
+    v("reference", reference, "replay and EWC data: generic (the tiny base's generic instructions) | datasets (the other study datasets, fine-tuning prompt)");
+    v("replay_ratio", replay_ratio, "replay: share of each combined batch drawn from the reference data, in (0, 1)");
+    v("l2sp_weight", l2sp_weight, "l2sp: weight of sum (theta - theta_0)^2 over the trained tensors");
+    v("ewc_weight", ewc_weight, "ewc: weight of sum F (theta - theta_0)^2, F the diagonal Fisher scaled to mean 1");
+    v("ewc_fisher_batches", ewc_fisher_batches, "ewc: reference batches the diagonal Fisher is estimated on");
+    v("lwf_weight", lwf_weight, "lwf: weight of T^2 KL(base || model) on the answer tokens");
+    v("lwf_temperature", lwf_temperature, "lwf: softmax temperature T");
+    v("ema_decay", ema_decay, "ema: decay d of the moving average of the trained tensors, in (0, 1)");
+    v("wise_ft_alphas", wise_ft_alphas, "wise-ft: interpolation weights a in [0, 1] scored after every epoch (base + a (tuned - base))");
+  }
+};
+
+// A study method's two parts: "ewc" -> {lora, ewc}; "ewc:linear" -> {linear, ewc}; "lora" -> {lora, ""}.
+struct MethodParts {
+  std::string base;        // the method whose components are trained
+  std::string mitigation;  // "" | l2sp | ewc | lwf | ema | replay | wise-ft
+};
+MethodParts split_method(const std::string& method);
+const std::vector<std::string>& mitigation_names();
+
 struct FinetuneSection {
   std::string dataset;              // the ONE dataset fine-tuned on (emt train); the study sets it per cell
-  std::string method = "lora";      // linear | lora | lora-only | prompt | linear+prompt | full
+  std::string method = "lora";      // linear | lora | lora-only | prompt | linear+prompt | full | lora-attn | lora-mlp | l2sp | ewc | lwf | ema | replay | wise-ft
   std::string question = "What is the object in the image?";  // the paper's fine-tuning question
   int epochs = 3;
   int64_t max_steps = 0;            // > 0 stops after this many optimizer steps
@@ -247,10 +279,11 @@ struct FinetuneSection {
   int64_t log_every_steps = 10;
   LoraConfig lora;
   PromptTuningConfig prompt_tuning;
+  MitigationConfig mitigation;
 
   template <class V> void visit(V& v) {
     v("dataset", dataset, "name of the ONE dataset to fine-tune on (a key of data.datasets)");
-    v("method", method, "linear | lora | lora-only | prompt | linear+prompt | full");
+    v("method", method, "linear | lora | lora-only | prompt | linear+prompt | full | lora-attn | lora-mlp, or a mitigation l2sp | ewc | lwf | ema | replay | wise-ft (on lora; MITIGATION:METHOD for another)");
     v("question", question, "fine-tuning question (the paper: 'What is the object in the image?')");
     v("epochs", epochs, "epochs to train");
     v("max_steps", max_steps, "stop after this many optimizer steps; 0 = no limit");
@@ -274,6 +307,7 @@ struct FinetuneSection {
     v("log_every_steps", log_every_steps, "metrics.jsonl line every K steps");
     v("lora", lora, "LoRA settings");
     v("prompt_tuning", prompt_tuning, "prompt-tuning settings");
+    v("mitigation", mitigation, "forgetting-mitigation settings (methods l2sp, ewc, lwf, ema, replay, wise-ft)");
   }
 };
 
@@ -298,7 +332,7 @@ struct EvalSection {
     v("max_samples", max_samples, "test images per dataset; 0 = all");
     v("primary_scorer", primary_scorer, "strict | clip | likelihood | judge");
     v("scorers", scorers, "scorers computed besides the primary one");
-    v("judge_command", judge_command, "external judge command (JSON on stdin, yes/no on stdout)");
+    v("judge_command", judge_command, "external judge command (JSON on stdin, yes/no on stdout); runs only when the command line says `--allow-judge` (docs/scoring.md)");
     v("clip_baseline", clip_baseline, "score the vision encoder's CLIP zero-shot accuracy");
     v("clip_model", clip_model, "HF CLIP directory for the baseline and the clip scorer; empty = <base>/clip");
     v("clip_templates", clip_templates, "zero-shot prompt ensemble; {label} is replaced");

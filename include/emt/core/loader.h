@@ -22,6 +22,7 @@ struct Batch {
   std::vector<int64_t> class_ids;  // dataset label of each row (-1 for instruction data)
   std::vector<int64_t> indices;    // dataset index of each row
   int64_t number = 0;              // position in the epoch's sequence of batches (of all ranks, with shard_batches)
+  int64_t epoch = 0;               // the loader epoch it belongs to (0-based)
   int64_t size() const { return static_cast<int64_t>(indices.size()); }
 };
 

@@ -14,6 +14,8 @@
 
 namespace emt {
 
+class BaseView;
+
 // A loaded base model with what it needs to read prompts and images.
 struct BaseModel {
   LlavaModel model{nullptr};
@@ -24,6 +26,9 @@ struct BaseModel {
   std::string system;        // system prompt ("" = template default)
   torch::Device device = torch::kCPU;
 };
+
+// The loader settings of fine-tuning batches (shuffled, with answers, right-padded, the base's prompt format).
+LoaderOptions training_loader_options(const RunConfig& cfg, const BaseModel& base, int64_t batch_size, uint64_t seed);
 
 // The directory holding the base model: model.pretrained, or pretrain.cache_dir for the tiny built-in model.
 std::string base_model_dir(const RunConfig& cfg);
@@ -62,12 +67,23 @@ class LlavaObjective : public Objective {
   void set_train(bool on) override;
   // Adds `term` to every micro-step's loss; `trained` are the live trained tensors it receives.
   void set_loss_term(LossTerm term, NamedTensors trained);
+  // lwf: adds weight * distillation_kl(model, base, T) on the answer tokens (one student forward serves both).
+  void set_distillation(std::shared_ptr<BaseView> base, double weight, double temperature);
+  // replay: the loss becomes (1 - ratio) * loss + ratio * loss on reference batch g = epoch * batches_per_epoch +
+  // batch number (so a resumed run replays what the uninterrupted one did).
+  // `data(g)` gives reference batch g.
+  void set_replay(std::function<Batch(int64_t)> data, double ratio, int64_t batches_per_epoch);
 
  private:
   LlavaModel model_;
   torch::Device device_;
   LossTerm term_;
   NamedTensors trained_;
+  std::shared_ptr<BaseView> teacher_;
+  double kd_weight_ = 0.0, kd_temperature_ = 1.0;
+  std::function<Batch(int64_t)> replay_;
+  double replay_ratio_ = 0.0;
+  int64_t replay_per_epoch_ = 1;
 };
 
 // Fine-tunes `base` in place (the method's LoRA/prompt parameters are attached to it) on cfg.finetune.dataset for
@@ -82,6 +98,14 @@ struct FinetuneOptions {
   // rank) and the Trainer combines the ranks' gradients; see TrainerOptions::comm.
   std::shared_ptr<Communicator> comm;
 };
+// A mitigation method (train/mitigation.h) adds its term, replay data or moving average here; an ema run
+// checkpoints the average beside the trained tensors and hands on_epoch (and the epoch's adapter files) the
+// averaged weights.
 TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptions& opts);
+
+// Loads what a method scores from an epoch checkpoint's trainable.safetensors into a model the method was applied
+// to (the moving average for ema, the trained tensors otherwise).
+void load_scored_weights(LlavaModelImpl& model, const TrainableSetup& setup, const std::string& method,
+                         const std::string& trainable_file);
 
 }  // namespace emt

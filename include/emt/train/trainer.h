@@ -92,6 +92,8 @@ struct TrainerOptions {
   // compare fingerprints of their trainable parameters (Error if they differ) and the epoch's trainer_state.json
   // records them.
   std::shared_ptr<Communicator> comm;
+  // Runs after every optimizer step that was taken (not after skipped non-finite ones), e.g. a moving average.
+  std::function<void()> after_step;
 };
 TrainerOptions trainer_options(const FinetuneSection& ft, const RunSection& run);
 // The settings of `cfg` that a checkpoint must share with the run resuming it.
