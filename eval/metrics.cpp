@@ -378,3 +378,61 @@ torch::Tensor verdict_rates(const AccuracyTensor& R) {
 }
 
 }  // namespace emt
+
+namespace emt {
+
+std::array<double, 3> difference_interval(int64_t k1, int64_t n1, int64_t k2, int64_t n2) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  if (n1 <= 0 || n2 <= 0) return {nan, nan, nan};
+  const double p1 = static_cast<double>(k1) / n1, p2 = static_cast<double>(k2) / n2;
+  const auto [l1, u1] = wilson_interval(k1, n1);
+  const auto [l2, u2] = wilson_interval(k2, n2);
+  const double d = p1 - p2;
+  return {d, d - std::sqrt((p1 - l1) * (p1 - l1) + (u2 - p2) * (u2 - p2)),
+          d + std::sqrt((u1 - p1) * (u1 - p1) + (p2 - l2) * (p2 - l2))};
+}
+
+std::vector<TradeoffPoint> learning_vs_forgetting(const AccuracyTensor& R) {
+  std::vector<TradeoffPoint> out;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  auto cnt = R.counts.accessor<int64_t, 5>();
+  const int64_t D = static_cast<int64_t>(R.eval_datasets.size());
+  for (int64_t m = 0; m < static_cast<int64_t>(R.methods.size()); ++m)
+    for (int64_t f = 0; f < static_cast<int64_t>(R.finetune_datasets.size()); ++f) {
+      const int64_t own = R.eval_index(R.finetune_datasets[f]);
+      for (int64_t e = 1; e <= R.last_epoch(m, f); ++e) {
+        TradeoffPoint p;
+        p.method = R.methods[m];
+        p.finetune = R.finetune_datasets[f];
+        p.epoch = e;
+        p.gain = p.gain_low = p.gain_high = nan;
+        if (own >= 0) {
+          const auto g = difference_interval(cnt[m][f][e][own][1], cnt[m][f][e][own][0], cnt[m][f][0][own][1],
+                                             cnt[m][f][0][own][0]);
+          p.gain = g[0], p.gain_low = g[1], p.gain_high = g[2];
+        }
+        double sum = 0, lo2 = 0, hi2 = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          if (d == own) continue;
+          const auto c = difference_interval(cnt[m][f][e][d][1], cnt[m][f][e][d][0], cnt[m][f][0][d][1], cnt[m][f][0][d][0]);
+          if (!std::isfinite(c[0])) continue;
+          sum += c[0];
+          lo2 += (c[0] - c[1]) * (c[0] - c[1]);
+          hi2 += (c[2] - c[0]) * (c[2] - c[0]);
+          ++p.others;
+        }
+        if (p.others > 0) {
+          const double k = static_cast<double>(p.others);
+          p.change = sum / k;
+          p.change_low = p.change - std::sqrt(lo2) / k;
+          p.change_high = p.change + std::sqrt(hi2) / k;
+        } else {
+          p.change = p.change_low = p.change_high = nan;
+        }
+        if (std::isfinite(p.gain) || p.others > 0) out.push_back(p);
+      }
+    }
+  return out;
+}
+
+}  // namespace emt

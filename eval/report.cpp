@@ -228,6 +228,58 @@ std::string plot_accuracy_png(const AccuracyTensor& R, int64_t m, int64_t f) {
   return encode_png(img);
 }
 
+std::string plot_tradeoff_png(const AccuracyTensor& R, int64_t f) {
+  cv::Mat img(kPlotHeight, kPlotWidth, CV_8UC3, kWhite);
+  const std::string& ft = R.finetune_datasets.at(f);
+  title(img, fmt::format("fine-tuned on {}: learning vs forgetting ({} scorer)", ft, R.scorer));
+  std::vector<TradeoffPoint> pts;
+  for (const auto& p : learning_vs_forgetting(R))
+    if (p.finetune == ft && std::isfinite(p.gain) && std::isfinite(p.change)) pts.push_back(p);
+  const cv::Rect r(80, 50, kPlotWidth - 80 - 210, kPlotHeight - 50 - 70);
+  // axes in points, spanning every interval and 0, rounded out to 10
+  double x0 = 0, x1 = 0, y0 = 0, y1 = 0;
+  for (const auto& p : pts) {
+    x0 = std::min(x0, p.gain_low), x1 = std::max(x1, p.gain_high);
+    y0 = std::min(y0, p.change_low), y1 = std::max(y1, p.change_high);
+  }
+  auto out10 = [](double v, bool up) { return (up ? std::ceil(v * 10.0 + 1e-9) : std::floor(v * 10.0 - 1e-9)) * 10.0; };
+  x0 = out10(x0, false), x1 = std::max(out10(x1, true), x0 + 10), y0 = out10(y0, false), y1 = std::max(out10(y1, true), y0 + 10);
+  auto xof = [&](double v) { return r.x + static_cast<int>(std::lround(r.width * (100.0 * v - x0) / (x1 - x0))); };
+  auto yof = [&](double v) { return r.y + r.height - static_cast<int>(std::lround(r.height * (100.0 * v - y0) / (y1 - y0))); };
+  const double xs = (x1 - x0) > 60 ? 20 : 10, ys = (y1 - y0) > 60 ? 20 : 10;
+  for (double t = std::ceil(x0 / xs - 1e-9) * xs; t <= x1 + 1e-9; t += xs) {
+    cv::line(img, {xof(t / 100), r.y}, {xof(t / 100), r.y + r.height}, t == 0 ? kAxis : kGrid, 1);
+    text(img, t == 0 ? std::string("0") : fmt::format("{:+.0f}", t), xof(t / 100), r.y + r.height + 14, 0.45, kBlack, Align::center);
+  }
+  for (double t = std::ceil(y0 / ys - 1e-9) * ys; t <= y1 + 1e-9; t += ys) {
+    cv::line(img, {r.x, yof(t / 100)}, {r.x + r.width, yof(t / 100)}, t == 0 ? kAxis : kGrid, 1);
+    text(img, t == 0 ? std::string("0") : fmt::format("{:+.0f}", t), r.x - 8, yof(t / 100), 0.45, kBlack, Align::right);
+  }
+  cv::rectangle(img, r, kAxis, 1);
+  text(img, "gain on the fine-tuned dataset (points, 95% CI)", r.x + r.width / 2, img.rows - 22, 0.5, kBlack, Align::center);
+  vertical_text(img, "mean change on the others (points)", 20, r.y + r.height / 2, 0.5, kBlack);
+  std::vector<std::pair<std::string, cv::Scalar>> items;
+  for (size_t m = 0; m < R.methods.size(); ++m) {
+    const cv::Scalar c = palette(m);
+    std::vector<cv::Point> line;
+    for (const auto& p : pts) {
+      if (p.method != R.methods[m]) continue;
+      const cv::Point q(xof(p.gain), yof(p.change));
+      cv::line(img, {xof(p.gain_low), q.y}, {xof(p.gain_high), q.y}, c, 1, cv::LINE_AA);
+      cv::line(img, {q.x, yof(p.change_low)}, {q.x, yof(p.change_high)}, c, 1, cv::LINE_AA);
+      line.push_back(q);
+    }
+    if (line.empty()) continue;
+    for (size_t i = 1; i < line.size(); ++i) cv::line(img, line[i - 1], line[i], c, 2, cv::LINE_AA);
+    for (size_t i = 0; i < line.size(); ++i) cv::circle(img, line[i], i + 1 == line.size() ? 6 : 4, c, cv::FILLED, cv::LINE_AA);
+    items.push_back({R.methods[m], c});
+  }
+  text(img, "method (dot per epoch,", r.x + r.width + 18, r.y + 4, 0.45, kBlack);
+  text(img, "large = last)", r.x + r.width + 18, r.y + 20, 0.45, kBlack);
+  legend(img, r.x + r.width + 18, r.y + 46, items, false, 190);
+  return encode_png(img);
+}
+
 std::string plot_radar_png(const AccuracyTensor& R, int64_t m) {
   cv::Mat img(kRadarSize, kRadarSize, CV_8UC3, kWhite);
   title(img, fmt::format("{}: accuracy at the last epoch ({} scorer)", R.methods.at(m), R.scorer));
@@ -539,6 +591,12 @@ std::pair<nlohmann::ordered_json, nlohmann::ordered_json> write_forgetting_table
   }
   c.put("forgetting.csv", fcsv, c.files.tables);
   c.put("summary.csv", scsv, c.files.tables);
+  std::string tcsv = csv_row({"method", "finetune_dataset", "epoch", "gain", "gain_low", "gain_high", "change",
+                              "change_low", "change_high", "others"});
+  for (const auto& p : learning_vs_forgetting(R))
+    tcsv += csv_row({p.method, p.finetune, std::to_string(p.epoch), num(p.gain), num(p.gain_low), num(p.gain_high),
+                     num(p.change), num(p.change_low), num(p.change_high), std::to_string(p.others)});
+  c.put("learning_vs_forgetting.csv", tcsv, c.files.tables);
   return {jforget, jsum};
 }
 
@@ -637,6 +695,10 @@ std::vector<std::pair<std::string, std::string>> write_plots(ReportContext& c) {
            plot_verdicts_png(R, m, f));
     }
   }
+  for (int64_t f = 0; f < c.NF; ++f)
+    plot(fmt::format("plots/tradeoff_{}.png", file_part(R.finetune_datasets[f])),
+         fmt::format("fine-tuned on {}: learning vs forgetting, every method and epoch", R.finetune_datasets[f]),
+         plot_tradeoff_png(R, f));
   return images;
 }
 

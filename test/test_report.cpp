@@ -107,8 +107,21 @@ TEST_CASE("report writes tables with the expected values", "[report]") {
   for (const char* f : {"accuracy.csv", "accuracy_matrix_linear.csv", "accuracy_matrix_lora.csv", "forgetting.csv",
                         "summary.csv", "encoder_gap.csv", "verdicts.csv", "report.json", "report.html"})
     CHECK(fs::exists(out + "/" + f));
-  CHECK(files.tables.size() == 8);
-  CHECK(files.plots.size() == 12);  // 4 accuracy + 2 radar + 2 heatmap + 4 verdict plots
+  CHECK(files.tables.size() == 9);
+  CHECK(files.plots.size() == 14);  // 4 accuracy + 2 radar + 2 heatmap + 4 verdict + 2 learning-vs-forgetting plots
+
+  // learning vs forgetting: lora on mnist gained 6 points by epoch 3 and the other two datasets lost 60 each
+  auto lvf = read_csv(out + "/learning_vs_forgetting.csv");
+  auto t = find_row(lvf, {"lora", "mnist", "3"});
+  REQUIRE(t.size() == 10);
+  CHECK(std::stod(t[3]) == Approx(0.06));
+  CHECK(std::stod(t[4]) < 0.06);
+  CHECK(std::stod(t[5]) > 0.06);
+  CHECK(std::stod(t[6]) == Approx(-0.60));
+  CHECK(std::stod(t[7]) < -0.60);
+  CHECK(std::stod(t[8]) > -0.60);
+  CHECK(t[9] == "2");
+  CHECK(lvf.size() == 1 + 2 * 2 * 3);  // epochs 1..3 of each cell
 
   auto acc = read_csv(out + "/accuracy.csv");
   CHECK(acc[0][0] == "method");
@@ -360,7 +373,8 @@ TEST_CASE("report output equals the golden files byte for byte", "[report]") {
   const std::string golden = std::string(EMT_SOURCE_DIR) + "/test/fixtures/report/";
   const bool update = std::getenv("EMT_UPDATE_GOLDEN") && std::string(std::getenv("EMT_UPDATE_GOLDEN")) == "1";
   for (const char* f : {"accuracy.csv", "accuracy_matrix_linear.csv", "accuracy_matrix_lora.csv", "forgetting.csv",
-                        "summary.csv", "encoder_gap.csv", "verdicts.csv", "report.json", "report.html"}) {
+                        "summary.csv", "encoder_gap.csv", "verdicts.csv", "report.json", "report.html",
+                        "learning_vs_forgetting.csv"}) {
     INFO(f);
     const std::string got = golden_form(slurp(out + "/" + f), run);
     if (update) {
@@ -370,4 +384,13 @@ TEST_CASE("report output equals the golden files byte for byte", "[report]") {
     REQUIRE(fs::exists(golden + f));
     CHECK(got == slurp(golden + f));
   }
+}
+
+TEST_CASE("report: the interval of a difference of two proportions is Newcombe's hybrid score interval", "[report]") {
+  // Newcombe (1998), method 10, example (a): 56/70 - 48/80 = 0.2000, 95% CI 0.0524 to 0.3339
+  const auto d = emt::difference_interval(56, 70, 48, 80);
+  CHECK(d[0] == Approx(0.2));
+  CHECK(d[1] == Approx(0.0524).margin(5e-4));
+  CHECK(d[2] == Approx(0.3339).margin(5e-4));
+  CHECK(std::isnan(emt::difference_interval(1, 0, 1, 2)[0]));
 }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <map>
+#include <array>
 #include <string>
 #include <utility>
 #include <vector>
@@ -102,6 +103,22 @@ struct Forgetting {
   torch::Tensor last_epoch;  // [M, F] int64
 };
 Forgetting forgetting(const AccuracyTensor& R);
+
+// Learning against forgetting, one point per (method, fine-tuning dataset, epoch >= 1) from the pooled verdict
+// counts: gain = accuracy on the fine-tuned dataset minus the base's, with Newcombe's hybrid-score 95% interval
+// for a difference of two independent proportions (from the two Wilson intervals); change = mean over the other
+// datasets of (accuracy - base accuracy), its interval the per-dataset Newcombe half-widths combined in quadrature
+// and divided by their number (datasets treated as independent). NaN where a count is missing.
+struct TradeoffPoint {
+  std::string method, finetune;
+  int64_t epoch = 0;
+  double gain = 0, gain_low = 0, gain_high = 0;
+  double change = 0, change_low = 0, change_high = 0;
+  int64_t others = 0;  // other datasets in the mean
+};
+std::vector<TradeoffPoint> learning_vs_forgetting(const AccuracyTensor& R);
+// Newcombe's interval of p1 - p2 (k1 of n1 against k2 of n2): {difference, low, high}.
+std::array<double, 3> difference_interval(int64_t k1, int64_t n1, int64_t k2, int64_t n2);
 
 // CLIP zero-shot minus the base MLLM per eval dataset, and the sum over datasets that have both (the paper's
 // "total accuracy difference").

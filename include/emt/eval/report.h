@@ -40,6 +40,9 @@ std::string plot_accuracy_png(const AccuracyTensor& R, int64_t method, int64_t f
 std::string plot_radar_png(const AccuracyTensor& R, int64_t method);
 std::string plot_heatmap_png(const AccuracyTensor& R, int64_t method);
 std::string plot_verdicts_png(const AccuracyTensor& R, int64_t method, int64_t finetune);
+// Learning vs forgetting for one fine-tuning dataset: x = gain on it, y = mean change on the others (points, 95%
+// intervals as error bars; learning_vs_forgetting), one coloured line per method through its epochs.
+std::string plot_tradeoff_png(const AccuracyTensor& R, int64_t finetune);
 
 std::string base64_encode(const std::string& bytes);
 
