@@ -2,6 +2,8 @@
 #include <emt/core/config.h>
 #include <emt/core/error.h>
 #include <emt/core/runtime.h>
+#include <dlfcn.h>
+#include <cstdlib>
 #include <fcntl.h>
 #include <stdio.h>  // renameat2, RENAME_EXCHANGE (glibc >= 2.28)
 #include <ATen/autocast_mode.h>
@@ -227,6 +229,16 @@ AutocastScope::AutocastScope(torch::DeviceType type, const AutocastState& s)
 }
 
 AutocastScope::~AutocastScope() { set_autocast_state(type_, prev_); }
+
+std::string blas_kernels() {
+  const char* env = std::getenv("OPENBLAS_CORETYPE");
+  const std::string forced = env ? std::string("OPENBLAS_CORETYPE=") + env : "OPENBLAS_CORETYPE unset";
+  using CoreName = char* (*)();
+  auto core = reinterpret_cast<CoreName>(dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  if (!core) return "not OpenBLAS (" + forced + ")";
+  const char* name = core();
+  return std::string("OpenBLAS ") + (name ? name : "?") + " (" + forced + ")";
+}
 
 double host_peak_rss_mb() {
   struct rusage ru {};

@@ -24,7 +24,7 @@ json report_json(const PretrainReport& r) {
     ds[name] = {{"n", c.n}, {"classes", c.classes}, {"chance", c.chance},
                 {"emt", counts_json(c.emt, c.emt_low, c.emt_high)},
                 {"clip_zero_shot", counts_json(c.clip, c.clip_low, c.clip_high)}};
-  return {{"seconds", r.seconds}, {"threads", torch::get_num_threads()}, {"scorer", "strict"},
+  return {{"seconds", r.seconds}, {"threads", torch::get_num_threads()}, {"blas", r.blas}, {"scorer", "strict"},
           {"interval", "Wilson 95%"}, {"datasets", ds}};
 }
 
@@ -33,6 +33,7 @@ PretrainReport parse_report(PretrainReport r, const std::string& path) {
   try {
     j = json::parse(read_file(path));
     r.seconds = j.value("seconds", 0.0);
+    r.blas = j.value("blas", std::string());
     for (const auto& [name, d] : j.at("datasets").items()) {
       BaseCheck c;
       c.n = d.at("n").get<int64_t>();
@@ -101,6 +102,7 @@ std::string format_base_checks(const PretrainReport& r) {
     out += fmt::format("  {:<16} {:>5} {:>6.1f}%   {:5.1f}% [{:4.1f}, {:5.1f}]     {:5.1f}% [{:4.1f}, {:5.1f}]\n",
                        name, c.n, 100 * c.chance, 100 * c.emt, 100 * c.emt_low, 100 * c.emt_high, 100 * c.clip,
                        100 * c.clip_low, 100 * c.clip_high);
+  if (!r.blas.empty()) out += "  built with " + r.blas + "\n";
   return out;
 }
 

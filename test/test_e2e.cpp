@@ -124,6 +124,10 @@ TEST_CASE("e2e: pretrain writes a reusable HF-layout base model", "[e2e][slow]")
     CHECK(fs::exists(fs::path(w.dir) / "base" / f));
   auto again = emt_test::run_cli("pretrain " + w.config);
   CHECK(again.code == 0);
+  // the report names the BLAS kernels the base was built with (its numerics depend on them)
+  const auto rep = nlohmann::json::parse(std::ifstream(fs::path(w.dir) / "base" / "pretrain_report.json"));
+  CHECK_THAT(rep.value("blas", std::string()), Catch::Contains("OPENBLAS_CORETYPE"));
+  CHECK_THAT(again.output, Catch::Contains("built with "));
   CHECK_THAT(again.output, Catch::Contains("reused"));
 }
 

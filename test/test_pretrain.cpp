@@ -4,6 +4,7 @@
 #include <emt/core/config.h>
 #include <emt/core/dataset.h>
 #include <emt/core/error.h>
+#include <emt/core/runtime.h>
 #include <emt/train/instructions.h>
 #include <emt/train/pretrain.h>
 #include <torch/torch.h>
@@ -305,4 +306,18 @@ TEST_CASE("pretrain: the recipe text holds what shapes the base model and nothin
     INFO(o);
     CHECK(emt::pretrain_recipe(emt::load_config_string("data: {datasets: {d: {format: idx, path: d}}}\n", {o})) != recipe);
   }
+}
+
+TEST_CASE("pretrain: the BLAS kernels a base is built with are named, with OPENBLAS_CORETYPE", "[pretrain]") {
+  const char* before = std::getenv("OPENBLAS_CORETYPE");
+  const std::string saved = before ? before : "";
+  ::unsetenv("OPENBLAS_CORETYPE");
+  const std::string unset = emt::blas_kernels();
+  CHECK_THAT(unset, Catch::EndsWith("(OPENBLAS_CORETYPE unset)"));
+  ::setenv("OPENBLAS_CORETYPE", "Haswell", 1);
+  CHECK_THAT(emt::blas_kernels(), Catch::EndsWith("(OPENBLAS_CORETYPE=Haswell)"));
+  if (before) ::setenv("OPENBLAS_CORETYPE", saved.c_str(), 1); else ::unsetenv("OPENBLAS_CORETYPE");
+  // Debian's LibTorch computes with OpenBLAS here (libopenblas0-openmp): its core name comes first
+  if (unset.rfind("OpenBLAS ", 0) == 0) CHECK(unset.size() > std::string("OpenBLAS  (OPENBLAS_CORETYPE unset)").size());
+  else CHECK_THAT(unset, Catch::StartsWith("not OpenBLAS"));
 }

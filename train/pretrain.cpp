@@ -494,6 +494,8 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
   auto t0 = std::chrono::steady_clock::now();
   const auto dev = resolve_device(cfg.run.device);
   apply_run_section(cfg.run);
+  // The recipe's result depends on floating-point rounding, hence on the BLAS kernels (docs/training.md).
+  log_info("[pretrain] BLAS kernels: {}", blas_kernels());
 
   const auto srcs = pretrain_sources(cfg);
   const auto captions = pretrain_language_sets(cfg, srcs, /*captions_only=*/true);
@@ -523,6 +525,7 @@ PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts) 
 
   write_model_dir(m, *tok, image, staging);
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  rep.blas = blas_kernels();
   write_file_atomic((staging / "recipe.yaml").string(), recipe);
   if (dir.has_parent_path()) fs::create_directories(dir.parent_path());
   commit_dir_atomic(staging.string(), rep.dir);

@@ -49,6 +49,9 @@ class AutocastScope {
 // Peak memory: the process's peak resident set (host RSS), and the caching allocator's peak of allocated bytes
 // on a CUDA device (negative when this build has no CUDA allocator statistics or the device is not CUDA).
 double host_peak_rss_mb();
+// The BLAS kernels this process computes with, e.g. "OpenBLAS SkylakeX (OPENBLAS_CORETYPE unset)": OpenBLAS's
+// core name when OpenBLAS is loaded, else "not OpenBLAS". Training numerics (and the tiny base model) depend on it.
+std::string blas_kernels();
 double device_peak_allocated_mb(const torch::Device& dev);
 bool built_with_cuda_stats();
 

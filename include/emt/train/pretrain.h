@@ -35,6 +35,7 @@ struct PretrainReport {
   std::string dir;
   bool reused = false;
   double seconds = 0.0;                     // build time (0 when reused and never recorded)
+  std::string blas;                         // the BLAS kernels it was built with (blas_kernels()); "" if unknown
   std::map<std::string, BaseCheck> checks;  // dataset -> closing check (empty when skipped)
 };
 
