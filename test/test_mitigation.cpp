@@ -10,6 +10,12 @@
 #include <emt/train/mitigation.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
 #include "expect_error.h"
 #include "test_batches.h"
 #include "test_models_common.h"
