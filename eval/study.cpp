@@ -156,18 +156,15 @@ class Study {
   void score_epoch(const BaseModel& base, BaseView* view, const std::string& ft, const std::string& method,
                    int64_t seed, int64_t epoch, const std::string& pred_dir) {
     if (!view) return score(base, ft, method, seed, epoch, pred_dir);
-    const auto& alphas = cfg_.finetune.mitigation.wise_ft_alphas;
-    try {
-      for (double a : alphas) {
-        const std::string label = wise_ft_label(method, a);
-        view->interpolate(a);
-        score(base, ft, label, seed, epoch, pred_dir + "/" + label);
-      }
-    } catch (...) {
-      view->interpolate(1.0);
-      throw;
+    struct Tuned {  // the tuned model again on any exit
+      BaseView* v;
+      ~Tuned() { v->interpolate(1.0); }
+    } restore{view};
+    for (double a : cfg_.finetune.mitigation.wise_ft_alphas) {
+      const std::string label = wise_ft_label(method, a);
+      view->interpolate(a);
+      score(base, ft, label, seed, epoch, pred_dir + "/" + label);
     }
-    view->interpolate(1.0);
   }
 
   // Every rank keeps the same record of finished rows (they decide together what is left); rank 0 writes them.

@@ -77,6 +77,13 @@ void save_method_artifacts(LlavaModelImpl& model, const TrainableSetup& setup, c
 }
 }  // namespace
 
+namespace {
+// Every token the decoder processes for a batch: the unpadded text, each image token replaced by the image's tokens.
+int64_t processed_tokens(const Batch& b, const LlavaOptions& o) {
+  return b.attention_mask.sum().item<int64_t>() + (b.images.defined() ? b.size() * (o.num_image_tokens() - 1) : 0);
+}
+}  // namespace
+
 StepLoss LlavaObjective::loss(const Batch& batch) {
   StepLoss s;
   const auto images = batch.images.to(device_), ids = batch.input_ids.to(device_),
@@ -94,8 +101,7 @@ StepLoss LlavaObjective::loss(const Batch& batch) {
     const torch::Tensor lr = model_->loss(r.images.to(device_), r.input_ids.to(device_),
                                           r.attention_mask.to(device_), r.labels.to(device_));
     s.loss = (1.0 - replay_ratio_) * s.loss + replay_ratio_ * lr.to(s.loss.scalar_type());
-    replayed = r.attention_mask.sum().item<int64_t>() +
-               (r.images.defined() ? r.size() * (model_->options.num_image_tokens() - 1) : 0);
+    replayed = processed_tokens(r, model_->options);
   }
   if (term_) {
     torch::Tensor extra = term_(LossTermInput{batch, s.loss, *model_, trained_});
@@ -105,9 +111,7 @@ StepLoss LlavaObjective::loss(const Batch& batch) {
   }
   s.samples = batch.size();
   s.tokens = (batch.labels != -100).sum().item<int64_t>();  // labels live on the host: no device sync
-  // the decoder's sequence: the unpadded text, each image token replaced by the image's tokens
-  s.processed = batch.attention_mask.sum().item<int64_t>() +
-                (batch.images.defined() ? batch.size() * (model_->options.num_image_tokens() - 1) : 0) + replayed;
+  s.processed = processed_tokens(batch, model_->options) + replayed;
   return s;
 }
 
@@ -175,6 +179,22 @@ LoaderOptions training_loader_options(const RunConfig& cfg, const BaseModel& bas
 }
 
 namespace {
+// The moving average in the live tensors for one scope (no-op without one), swapped back on any exit.
+class AverageSwapped {
+ public:
+  explicit AverageSwapped(WeightAverage* avg) : avg_(avg) {
+    if (avg_) avg_->swap();
+  }
+  ~AverageSwapped() {
+    if (avg_) avg_->swap();
+  }
+  AverageSwapped(const AverageSwapped&) = delete;
+  AverageSwapped& operator=(const AverageSwapped&) = delete;
+
+ private:
+  WeightAverage* avg_;
+};
+
 // What a mitigation method adds to the objective; returns the moving average for ema (null otherwise).
 std::shared_ptr<WeightAverage> add_mitigation(LlavaObjective& objective, BaseModel& base, const RunConfig& cfg,
                                               const TrainableSetup& setup, int64_t batches_per_epoch,
@@ -274,14 +294,8 @@ TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptio
     load_trainable_tensors(*base.model, ema ? ema->load_state(t, "checkpoint") : t, prompt, "checkpoint");
   };
   io.save_artifacts = [&base, &cfg, setup, ema](const std::string& dir) {
-    if (ema) ema->swap();  // an ema checkpoint's adapter files hold the average: what the study scores
-    try {
-      save_method_artifacts(*base.model, setup, cfg.finetune, dir, base_model_dir(cfg));
-    } catch (...) {
-      if (ema) ema->swap();
-      throw;
-    }
-    if (ema) ema->swap();
+    AverageSwapped scope(ema.get());  // an ema checkpoint's adapter files hold the average: what the study scores
+    save_method_artifacts(*base.model, setup, cfg.finetune, dir, base_model_dir(cfg));
   };
   TrainerOptions to = trainer_options(ft, cfg.run);
   if (ema) to.after_step = [ema] { ema->update(); };
@@ -296,15 +310,8 @@ TrainSummary finetune(BaseModel& base, const RunConfig& cfg, const FinetuneOptio
   if (opts.on_epoch) {
     auto cb = opts.on_epoch;
     trainer.on_epoch_end([cb, ema](const EpochEnd& e) {
-      if (!ema) return cb(e);
-      ema->swap();  // scored: the moving average
-      try {
-        cb(e);
-      } catch (...) {
-        ema->swap();
-        throw;
-      }
-      ema->swap();
+      AverageSwapped scope(ema.get());  // scored: the moving average
+      cb(e);
     });
   }
   return trainer.fit();

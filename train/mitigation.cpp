@@ -87,28 +87,24 @@ BaseView::BaseView(LlavaModelImpl& model) : model_(model) {
 torch::Tensor BaseView::base_logits(const torch::Tensor& images, const torch::Tensor& input_ids,
                                     const torch::Tensor& attention_mask) {
   torch::NoGradGuard ng;
-  const bool training = model_.is_training();
-  Projector tuned = model_.multi_modal_projector;
-  const torch::Tensor prefix = model_.prompt_prefix();
+  struct Restore {  // the tuned model as it was, on any exit
+    LlavaModelImpl& m;
+    Projector tuned;
+    torch::Tensor prefix;
+    double alpha;
+    bool training;
+    ~Restore() {
+      m.multi_modal_projector = tuned;
+      m.set_prompt_prefix(prefix);
+      set_lora_runtime_scale(m, alpha);
+      m.train(training);
+    }
+  } restore{model_, model_.multi_modal_projector, model_.prompt_prefix(), alpha_, model_.is_training()};
   model_.eval();
   set_lora_runtime_scale(model_, 0.0);
   model_.multi_modal_projector = base_projector_;
   model_.set_prompt_prefix(torch::Tensor());
-  torch::Tensor logits;
-  try {
-    logits = model_.forward(images, input_ids, attention_mask).logits;
-  } catch (...) {
-    model_.multi_modal_projector = tuned;
-    model_.set_prompt_prefix(prefix);
-    set_lora_runtime_scale(model_, alpha_);
-    model_.train(training);
-    throw;
-  }
-  model_.multi_modal_projector = tuned;
-  model_.set_prompt_prefix(prefix);
-  set_lora_runtime_scale(model_, alpha_);
-  model_.train(training);
-  return logits;
+  return model_.forward(images, input_ids, attention_mask).logits;
 }
 
 void BaseView::interpolate(double a) {
