@@ -50,6 +50,7 @@ void set_counts(ResultRow& row, const ScoreCounts& c) {
   row.n_extrinsic = c.extrinsic;
   row.ci_low = c.ci_low;
   row.ci_high = c.ci_high;
+  row.n_naming = c.naming;
 }
 
 ResultRow make_result_row(const std::string& kind, const std::string& finetune_dataset, const std::string& method,
@@ -346,6 +347,7 @@ struct Evaluator::Impl {
                     const std::string& output, int64_t lik_pred, int64_t clip_pred, DatasetScores& scores,
                     JsonFields& f) const;
   DatasetScores evaluate_one(EvalModel& m, size_t di, const std::string& pred_dir);
+  void count_naming(const std::string& name, const std::string& output, DatasetScores& scores, JsonFields& f) const;
 };
 
 void register_scorer(const std::string& name, ScorerFn fn, std::vector<std::string> datasets) {
@@ -465,7 +467,8 @@ void Evaluator::set_communicator(std::shared_ptr<Communicator> comm) {
 
 void Evaluator::Impl::gather_counts(DatasetScores& scores) const {
   nlohmann::json mine = nlohmann::json::object();
-  for (const auto& [name, c] : scores.by_scorer) mine[name] = {c.n, c.correct, c.incorrect, c.intrinsic, c.extrinsic};
+  for (const auto& [name, c] : scores.by_scorer)
+    mine[name] = {c.n, c.correct, c.incorrect, c.intrinsic, c.extrinsic, c.naming};
   std::map<std::string, ScoreCounts> sum;
   for (const auto& bytes : comm->all_gather_bytes(mine.dump())) {
     const auto theirs = nlohmann::json::parse(bytes);  // items() must not outlive it
@@ -476,6 +479,7 @@ void Evaluator::Impl::gather_counts(DatasetScores& scores) const {
       c.incorrect += v[2].get<int64_t>();
       c.intrinsic += v[3].get<int64_t>();
       c.extrinsic += v[4].get<int64_t>();
+      for (const auto& [ds, k] : v[5].items()) c.naming[ds] += k.get<int64_t>();
     }
   }
   scores.by_scorer = std::move(sum);
@@ -609,6 +613,23 @@ void Evaluator::Impl::score_answer(const DatasetScorers& sc, const LabelSet& ls,
   }
 }
 
+// The answer drift of one answer to `name`'s question: which other eval datasets it names a class of, counted
+// into every scorer's map and listed in the predictions line ("names_class_of": "dataset=class,...") when there
+// is one.
+void Evaluator::Impl::count_naming(const std::string& name, const std::string& output, DatasetScores& scores,
+                                   JsonFields& f) const {
+  const LabelSet& own = label_sets.at(name);
+  std::string named;  // "mnist=3,shapes10=star"
+  for (const auto& other : names) {
+    if (other == name) continue;
+    const int64_t k = names_class_of(output, label_sets.at(other), own);
+    if (k < 0) continue;
+    named += (named.empty() ? "" : ",") + other + "=" + label_sets.at(other).class_names[k];
+    for (auto& [_, c] : scores.by_scorer) ++c.naming[other];
+  }
+  if (!named.empty()) f.emplace_back("names_class_of", named);
+}
+
 DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::string& pred_dir) {
   const std::string& name = names[di];
   const Entry& e = entries.at(name);
@@ -628,7 +649,9 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
   const auto img_dtype = param_dtype(*m.model->vision_tower);
   DatasetScores scores;
   scores.dataset = name;
-  for (const auto& s : sc.order) scores.by_scorer[s];
+  for (const auto& s : sc.order)
+    for (const auto& other : names)
+      if (other != name) scores.by_scorer[s].naming[other] = 0;
   std::vector<std::pair<int64_t, std::string>> chunks;  // (batch number, its predictions lines)
   std::unique_ptr<Progress> prog;
   if (progress && main()) prog = std::make_unique<Progress>("eval " + name, loader->num_samples());
@@ -669,6 +692,7 @@ DatasetScores Evaluator::Impl::evaluate_one(EvalModel& m, size_t di, const std::
       f.emplace_back("output", outputs[i]);
       score_answer(sc, ls, classes[label], label, outputs[i], sc.lik ? lik_pred[i].item<int64_t>() : -1,
                    sc.clip ? clip_pred[i].item<int64_t>() : -1, scores, f);
+      count_naming(name, outputs[i], scores, f);
       lines += to_json_line(f) + "\n";
     }
     chunks.emplace_back(batch.number, std::move(lines));

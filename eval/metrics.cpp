@@ -71,6 +71,18 @@ ResultRow parse_result_line(const std::string& line, const std::string& where) {
   r.n_intrinsic = get_field<int64_t>(j, "n_intrinsic", where);
   r.n_extrinsic = get_field<int64_t>(j, "n_extrinsic", where);
   if (j.contains("run") && j["run"].is_string()) r.run = j["run"].get<std::string>();
+  if (auto nm = j.find("n_naming"); nm != j.end()) {
+    if (!nm->is_object())
+      throw FormatError(fmt::format("[results] {}: n_naming must be an object of dataset -> count", where));
+    for (const auto& [ds, v] : nm->items()) {
+      if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > r.n)
+        throw FormatError(fmt::format("[results] {}: n_naming.{} must be a count in [0, n = {}] (got {})", where,
+                                      ds, r.n, v.dump()));
+      if (ds.empty() || ds == r.eval_dataset)
+        throw FormatError(fmt::format("[results] {}: n_naming names '{}', which is not another dataset", where, ds));
+      r.n_naming[ds] = v.get<int64_t>();
+    }
+  }
   if (r.epoch < 0) throw FormatError(fmt::format("[results] {}: epoch must be >= 0 (got {})", where, r.epoch));
   if (r.eval_dataset.empty()) throw FormatError(fmt::format("[results] {}: eval_dataset is empty", where));
   if (!(r.accuracy >= 0.0 && r.accuracy <= 1.0))
@@ -111,6 +123,7 @@ std::string result_to_json_line(const ResultRow& r) {
   j["n_extrinsic"] = r.n_extrinsic;
   j["ci_low"] = r.ci_low;
   j["ci_high"] = r.ci_high;
+  if (!r.n_naming.empty()) j["n_naming"] = r.n_naming;
   j["run"] = r.run;
   return j.dump();
 }
@@ -250,8 +263,11 @@ AccuracyTensor accuracy_tensor(const std::vector<ResultRow>& rows, const std::st
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   R.per_seed = torch::full({M, F, E, D, S}, kNaN, f64);
   R.counts = torch::zeros({M, F, E, D, 5}, torch::TensorOptions().dtype(torch::kLong));
+  R.naming = torch::zeros({M, F, E, D, 2}, torch::TensorOptions().dtype(torch::kLong));
   auto ps = R.per_seed.accessor<double, 5>();
   auto cnt = R.counts.accessor<int64_t, 5>();
+  auto nam = R.naming.accessor<int64_t, 5>();
+  std::vector<std::array<int64_t, 2>> base_nam(static_cast<size_t>(D * F), {0, 0});  // [d * F + f]
 
   std::vector<double> base_sum(D, 0.0), clip_sum(D, 0.0);
   std::vector<int64_t> base_k(D, 0), clip_k(D, 0);
@@ -272,6 +288,9 @@ AccuracyTensor accuracy_tensor(const std::vector<ResultRow>& rows, const std::st
       base_sum[d] += r.accuracy;
       ++base_k[d];
       for (int i = 0; i < 5; ++i) base_cnt[d][i] += c[i];
+      for (int64_t f = 0; f < F; ++f)
+        if (auto it = r.n_naming.find(R.finetune_datasets[f]); it != r.n_naming.end())
+          base_nam[d * F + f][0] += r.n, base_nam[d * F + f][1] += it->second;
       continue;
     }
     const int64_t m = R.method_index(r.method), f = R.finetune_index(r.finetune_dataset);
@@ -280,6 +299,8 @@ AccuracyTensor accuracy_tensor(const std::vector<ResultRow>& rows, const std::st
     if (r.epoch == 0) own_epoch0.insert({m, f, d});
     ps[m][f][r.epoch][d][s] = r.accuracy;
     for (int i = 0; i < 5; ++i) cnt[m][f][r.epoch][d][i] += c[i];
+    if (auto it = r.n_naming.find(r.finetune_dataset); it != r.n_naming.end())
+      nam[m][f][r.epoch][d][0] += r.n, nam[m][f][r.epoch][d][1] += it->second;
   }
   R.base.assign(D, kNaN);
   R.clip.assign(D, kNaN);
@@ -295,8 +316,10 @@ AccuracyTensor accuracy_tensor(const std::vector<ResultRow>& rows, const std::st
   for (const auto& [m, f, s] : cells) mf.insert({m, f});
   for (const auto& [m, f] : mf)
     for (int64_t d = 0; d < D; ++d)
-      if (!own_epoch0.count({m, f, d}))
+      if (!own_epoch0.count({m, f, d})) {
         for (int i = 0; i < 5; ++i) cnt[m][f][0][d][i] = base_cnt[d][i];
+        for (int i = 0; i < 2; ++i) nam[m][f][0][d][i] = base_nam[d * F + f][i];
+      }
 
   auto present = ~torch::isnan(R.per_seed);
   auto sum = torch::where(present, R.per_seed, torch::zeros_like(R.per_seed)).sum(-1);
@@ -431,6 +454,30 @@ std::vector<TradeoffPoint> learning_vs_forgetting(const AccuracyTensor& R) {
         }
         if (std::isfinite(p.gain) || p.others > 0) out.push_back(p);
       }
+    }
+  return out;
+}
+
+std::vector<DriftPoint> answer_drift(const AccuracyTensor& R) {
+  std::vector<DriftPoint> out;
+  auto nam = R.naming.accessor<int64_t, 5>();
+  for (int64_t m = 0; m < static_cast<int64_t>(R.methods.size()); ++m)
+    for (int64_t f = 0; f < static_cast<int64_t>(R.finetune_datasets.size()); ++f) {
+      const int64_t own = R.eval_index(R.finetune_datasets[f]);
+      for (int64_t e = 0; e <= R.last_epoch(m, f); ++e)
+        for (int64_t d = 0; d < static_cast<int64_t>(R.eval_datasets.size()); ++d) {
+          if (d == own || nam[m][f][e][d][0] == 0) continue;
+          DriftPoint p;
+          p.method = R.methods[m];
+          p.finetune = R.finetune_datasets[f];
+          p.eval = R.eval_datasets[d];
+          p.epoch = e;
+          p.n = nam[m][f][e][d][0];
+          p.naming = nam[m][f][e][d][1];
+          p.rate = static_cast<double>(p.naming) / static_cast<double>(p.n);
+          std::tie(p.ci_low, p.ci_high) = wilson_interval(p.naming, p.n);
+          out.push_back(p);
+        }
     }
   return out;
 }

@@ -157,6 +157,17 @@ cv::Rect y_percent_frame(cv::Mat& img, int left, int right, int top, int bottom,
   return r;
 }
 
+// Ticks 0..L (at most about 12 of them) under the plot rectangle and the epoch axis title.
+template <class XOf>
+void epoch_axis(cv::Mat& img, const cv::Rect& r, int64_t L, const XOf& xof) {
+  const int64_t step = std::max<int64_t>(1, L / 12);
+  for (int64_t e = 0; e <= L; e += step) {
+    cv::line(img, {xof(e), r.y + r.height}, {xof(e), r.y + r.height + 5}, kAxis, 1);
+    text(img, std::to_string(e), xof(e), r.y + r.height + 16, 0.45, kBlack, Align::center);
+  }
+  text(img, "epoch (0 = base model)", r.x + r.width / 2, img.rows - 18, 0.5, kBlack, Align::center);
+}
+
 }  // namespace
 
 std::string base64_encode(const std::string& bytes) {
@@ -191,12 +202,7 @@ std::string plot_accuracy_png(const AccuracyTensor& R, int64_t m, int64_t f) {
   const double x_span = clip_any ? L + 0.7 : static_cast<double>(L);
   auto xof = [&](double e) { return r.x + 20 + static_cast<int>(std::lround((r.width - 40) * e / x_span)); };
   auto yof = [&](double a) { return r.y + r.height - static_cast<int>(std::lround(r.height * a)); };
-  const int64_t step = std::max<int64_t>(1, L / 12);
-  for (int64_t e = 0; e <= L; e += step) {
-    cv::line(img, {xof(e), r.y + r.height}, {xof(e), r.y + r.height + 5}, kAxis, 1);
-    text(img, std::to_string(e), xof(e), r.y + r.height + 16, 0.45, kBlack, Align::center);
-  }
-  text(img, "epoch (0 = base model)", r.x + r.width / 2, img.rows - 18, 0.5, kBlack, Align::center);
+  epoch_axis(img, r, L, xof);
   if (clip_any) {
     const int xc = xof(L + 0.7);
     dashed_line(img, {(xof(L) + xc) / 2, r.y}, {(xof(L) + xc) / 2, r.y + r.height}, kGrid, 1);
@@ -277,6 +283,39 @@ std::string plot_tradeoff_png(const AccuracyTensor& R, int64_t f) {
   text(img, "method (dot per epoch,", r.x + r.width + 18, r.y + 4, 0.45, kBlack);
   text(img, "large = last)", r.x + r.width + 18, r.y + 20, 0.45, kBlack);
   legend(img, r.x + r.width + 18, r.y + 46, items, false, 190);
+  return encode_png(img);
+}
+
+std::string plot_drift_png(const AccuracyTensor& R, int64_t f) {
+  cv::Mat img(kPlotHeight, kPlotWidth, CV_8UC3, kWhite);
+  const std::string& ft = R.finetune_datasets.at(f);
+  title(img, fmt::format("fine-tuned on {}: other datasets' answers naming its classes", ft));
+  cv::Rect r = y_percent_frame(img, 70, 210, 50, 60, "answers naming a class of " + shorten(ft, 0.5, 140) + " (%)");
+  // One line per method: the pooled share over the other datasets at each epoch.
+  std::vector<std::vector<std::array<int64_t, 2>>> sums(R.methods.size(), std::vector<std::array<int64_t, 2>>(R.epochs + 1, {0, 0}));
+  int64_t L = 1;
+  for (const auto& p : answer_drift(R)) {
+    if (p.finetune != ft) continue;
+    auto& s = sums[R.method_index(p.method)][p.epoch];
+    s[0] += p.n, s[1] += p.naming;
+    L = std::max(L, p.epoch);
+  }
+  auto xof = [&](double e) { return r.x + 20 + static_cast<int>(std::lround((r.width - 40) * e / L)); };
+  auto yof = [&](double a) { return r.y + r.height - static_cast<int>(std::lround(r.height * a)); };
+  epoch_axis(img, r, L, xof);
+  std::vector<std::pair<std::string, cv::Scalar>> items;
+  for (size_t m = 0; m < R.methods.size(); ++m) {
+    const cv::Scalar c = palette(m);
+    std::vector<cv::Point> pts;
+    for (int64_t e = 0; e <= L; ++e)
+      if (sums[m][e][0] > 0) pts.emplace_back(xof(e), yof(static_cast<double>(sums[m][e][1]) / sums[m][e][0]));
+    if (pts.empty()) continue;
+    for (size_t i = 1; i < pts.size(); ++i) cv::line(img, pts[i - 1], pts[i], c, 2, cv::LINE_AA);
+    for (auto& p : pts) cv::circle(img, p, 5, c, cv::FILLED, cv::LINE_AA);
+    items.push_back({R.methods[m], c});
+  }
+  text(img, "method", r.x + r.width + 18, r.y + 4, 0.5, kBlack);
+  legend(img, r.x + r.width + 18, r.y + 30, items, false, 200);
   return encode_png(img);
 }
 
@@ -642,10 +681,26 @@ nlohmann::ordered_json write_verdict_table(ReportContext& c) {
   return jver;
 }
 
+// answer_drift.csv: every (method, finetune, epoch, other eval dataset) with counted answers -> "answer_drift".
+nlohmann::ordered_json write_drift_table(ReportContext& c) {
+  std::string csv = csv_row({"method", "finetune_dataset", "epoch", "eval_dataset", "n", "naming_finetuned",
+                             "rate", "ci_low", "ci_high"});
+  nlohmann::ordered_json j = nlohmann::ordered_json::array();
+  for (const auto& p : answer_drift(c.R)) {
+    csv += csv_row({p.method, p.finetune, std::to_string(p.epoch), p.eval, std::to_string(p.n),
+                    std::to_string(p.naming), num(p.rate), num(p.ci_low), num(p.ci_high)});
+    j.push_back({{"method", p.method}, {"finetune_dataset", p.finetune}, {"epoch", p.epoch}, {"eval_dataset", p.eval},
+                 {"n", p.n}, {"naming_finetuned", p.naming}, {"rate", p.rate}, {"ci_low", p.ci_low},
+                 {"ci_high", p.ci_high}});
+  }
+  c.put("answer_drift.csv", csv, c.files.tables);
+  return j;
+}
+
 // Every table in one file, with the grid's axes and the base/CLIP rows.
 void write_report_json(ReportContext& c, const nlohmann::ordered_json& jacc, const nlohmann::ordered_json& jforget,
                        const nlohmann::ordered_json& jsum, const nlohmann::ordered_json& jgap,
-                       const nlohmann::ordered_json& jver) {
+                       const nlohmann::ordered_json& jver, const nlohmann::ordered_json& jdrift) {
   const auto& R = c.R;
   nlohmann::ordered_json j;
   j["scorer"] = R.scorer;
@@ -666,6 +721,7 @@ void write_report_json(ReportContext& c, const nlohmann::ordered_json& jacc, con
   j["summary"] = jsum;
   j["encoder_gap"] = {{"datasets", jgap}, {"total", c.G.total}, {"summed", c.G.summed}};
   j["verdicts"] = jver;
+  j["answer_drift"] = jdrift;
   c.put("report.json", j.dump(2) + "\n", c.files.tables);
 }
 
@@ -695,10 +751,16 @@ std::vector<std::pair<std::string, std::string>> write_plots(ReportContext& c) {
            plot_verdicts_png(R, m, f));
     }
   }
-  for (int64_t f = 0; f < c.NF; ++f)
+  const auto drift = answer_drift(R);
+  for (int64_t f = 0; f < c.NF; ++f) {
     plot(fmt::format("plots/tradeoff_{}.png", file_part(R.finetune_datasets[f])),
          fmt::format("fine-tuned on {}: learning vs forgetting, every method and epoch", R.finetune_datasets[f]),
          plot_tradeoff_png(R, f));
+    if (std::any_of(drift.begin(), drift.end(), [&](const DriftPoint& p) { return p.finetune == R.finetune_datasets[f]; }))
+      plot(fmt::format("plots/drift_{}.png", file_part(R.finetune_datasets[f])),
+           fmt::format("fine-tuned on {}: answers naming its classes, per epoch", R.finetune_datasets[f]),
+           plot_drift_png(R, f));
+  }
   return images;
 }
 
@@ -714,6 +776,7 @@ class HtmlReport {
     forgetting(jforget, jsum);
     encoder_gap();
     verdicts();
+    drift();
     h_ << "</table>\n<h2>Plots</h2>\n";
     for (const auto& [caption, png] : images)
       h_ << "<figure><img alt=\"" << html_escape(caption) << "\" src=\"data:image/png;base64," << base64_encode(png)
@@ -829,6 +892,18 @@ class HtmlReport {
       }
   }
 
+  void drift() {
+    const auto points = answer_drift(c_.R);
+    if (points.empty()) return;
+    h_ << "</table>\n<h2>Answer drift (% of answers naming a class of the fine-tuned dataset)</h2>\n"
+          "<p class=\"meta\">Per other eval dataset: the share of its answers that name one of the fine-tuned "
+          "dataset's classes, pooled over seeds, Wilson 95% interval; epoch 0 is the base model.</p>\n<table>\n";
+    th_row({"method", "fine-tuned on", "eval dataset", "epoch", "n", "drift", "95% CI"}, 3);
+    for (const auto& p : points)
+      td_row({p.method, p.finetune, p.eval, std::to_string(p.epoch), std::to_string(p.n), pct(p.rate),
+              pct(p.ci_low) + " - " + pct(p.ci_high)}, 3);
+  }
+
   const ReportContext& c_;
   std::ostringstream h_;
 };
@@ -845,7 +920,8 @@ ReportFiles write_report(const LoadedResults& results, const ReportOptions& opts
   const auto [jforget, jsum] = write_forgetting_tables(c);
   const auto jgap = write_encoder_gap_table(c);
   const auto jver = write_verdict_table(c);
-  write_report_json(c, jacc, jforget, jsum, jgap, jver);
+  const auto jdrift = write_drift_table(c);
+  write_report_json(c, jacc, jforget, jsum, jgap, jver, jdrift);
   const auto images = write_plots(c);
   c.files.matrix = format_matrix(c.R);
   c.files.html = (c.out / "report.html").string();

@@ -210,14 +210,15 @@ LabelSet make_label_set(const std::vector<std::string>& class_names, const std::
 
 // ---- the strict verdict -----------------------------------------------------------------------------------------
 
-Verdict strict_verdict(const std::string& output, const LabelSet& labels, int64_t true_label) {
-  if (true_label < 0 || true_label >= labels.num_classes())
-    throw Error(fmt::format("[scoring] strict verdict: true label {} outside [0, {})", true_label,
-                            labels.num_classes()));
-  const auto words = match_words(output);
-  std::vector<char> used(words.size(), 0);
-  std::vector<std::pair<size_t, int64_t>> own;  // (position, label)
-  Verdict v;
+namespace {
+
+// Every phrase of `labels` found in `words`, longest first, each span consumed once: (position, phrase) in order
+// of the phrase list; `used` marks the consumed words.
+std::vector<std::pair<size_t, const LabelSet::Phrase*>> match_phrases(const std::vector<std::string>& words,
+                                                                      const LabelSet& labels,
+                                                                      std::vector<char>& used) {
+  used.assign(words.size(), 0);
+  std::vector<std::pair<size_t, const LabelSet::Phrase*>> hits;
   for (const auto& p : labels.phrases) {
     const size_t len = p.words.size();
     for (size_t i = 0; i + len <= words.size(); ++i) {
@@ -225,10 +226,26 @@ Verdict strict_verdict(const std::string& output, const LabelSet& labels, int64_
       for (size_t k = 0; k < len && hit; ++k) hit = !used[i + k] && words[i + k] == p.words[k];
       if (!hit) continue;
       std::fill(used.begin() + i, used.begin() + i + len, 1);
-      if (p.label >= 0) own.emplace_back(i, p.label);
-      else v.contradicting = true;
+      hits.emplace_back(i, &p);
       i += len - 1;
     }
+  }
+  return hits;
+}
+
+}  // namespace
+
+Verdict strict_verdict(const std::string& output, const LabelSet& labels, int64_t true_label) {
+  if (true_label < 0 || true_label >= labels.num_classes())
+    throw Error(fmt::format("[scoring] strict verdict: true label {} outside [0, {})", true_label,
+                            labels.num_classes()));
+  const auto words = match_words(output);
+  std::vector<char> used;
+  std::vector<std::pair<size_t, int64_t>> own;  // (position, label)
+  Verdict v;
+  for (const auto& [pos, p] : match_phrases(words, labels, used)) {
+    if (p->label >= 0) own.emplace_back(pos, p->label);
+    else v.contradicting = true;
   }
   for (size_t i = 0; i < words.size(); ++i)
     if (!used[i] && all_digits(words[i])) v.contradicting = true;
@@ -246,6 +263,24 @@ Verdict strict_verdict(const std::string& output, const LabelSet& labels, int64_
     else v.kind = v.predicted == true_label ? VerdictKind::correct : VerdictKind::incorrect;
   }
   return v;
+}
+
+int64_t names_class_of(const std::string& output, const LabelSet& other, const LabelSet& own) {
+  const auto words = match_words(output);
+  std::vector<char> used;
+  size_t first = words.size();
+  int64_t label = -1;
+  for (const auto& [pos, p] : match_phrases(words, other, used)) {
+    if (p->label < 0 || pos >= first) continue;
+    if (p->words.size() == 1 && p->words[0] == "one") continue;
+    const bool shared = std::any_of(own.phrases.begin(), own.phrases.end(), [&](const LabelSet::Phrase& q) {
+      return q.label >= 0 && q.words == p->words;
+    });
+    if (shared) continue;
+    first = pos;
+    label = p->label;
+  }
+  return label;
 }
 
 // ---- likelihood ranking ----------------------------------------------------------------------------------------
@@ -556,6 +591,18 @@ std::vector<ResultRow> rescore_file(const PredFile& f, const RescoreOptions& opt
       }
     };
     bump(strict, v.kind);
+    std::string named;  // the answer drift, as the Evaluator counts it
+    for (const auto& [other, other_ls] : opts.label_sets) {
+      if (other == ds) continue;
+      const int64_t k = names_class_of(output, other_ls, ls->second);
+      strict.n_naming[other] += k >= 0;
+      if (!opts.judge_command.empty()) judge.n_naming[other] += k >= 0;
+      if (k >= 0) named += (named.empty() ? "" : ",") + other + "=" + other_ls.class_names[k];
+    }
+    const bool had = j.contains("names_class_of");
+    if (had != !named.empty() || (had && j["names_class_of"] != named)) file_changed = true;
+    if (named.empty()) j.erase("names_class_of");
+    else j["names_class_of"] = named;
     if (!opts.judge_command.empty()) {
       std::string label_name = j.contains("label_name") ? field<std::string>(j, "label_name", where)
                                                         : ls->second.class_names[label];

@@ -199,15 +199,7 @@ emt::EvalModel tiny_eval_model(std::shared_ptr<WordTokenizer> tok) {
   return em;
 }
 
-std::vector<nlohmann::json> read_jsonl(const std::string& path) {
-  std::ifstream f(path);
-  REQUIRE(f.good());
-  std::vector<nlohmann::json> v;
-  std::string line;
-  while (std::getline(f, line))
-    if (!line.empty()) v.push_back(nlohmann::json::parse(line));
-  return v;
-}
+using emt_test::read_jsonl;
 
 struct Fixture {
   std::string dir;
@@ -272,6 +264,20 @@ TEST_CASE("evaluator: predictions files, counts, determinism, batch-size invaria
       CHECK(j["verdict_strict"] == emt::verdict_name(v.kind));
       CHECK(j["pred_strict"] == v.predicted);
       ++strict_counts[j["verdict_strict"]];
+      // The answer drift written is the one of the output written.
+      const std::string other = s.dataset == "digits" ? "shapes" : "digits";
+      const int64_t k = emt::names_class_of(j["output"], fx.ev->label_set(other), fx.ev->label_set(s.dataset));
+      if (k >= 0) {
+        CHECK(j["names_class_of"] == other + "=" + fx.ev->dataset(other)->class_names()[k]);
+        ++strict_counts["drift"];
+      } else {
+        CHECK_FALSE(j.contains("names_class_of"));
+      }
+    }
+    for (const auto& [scorer, c] : s.by_scorer) {
+      INFO(scorer);
+      REQUIRE(c.naming.size() == 1);  // the other dataset, counted even when 0
+      CHECK(c.naming.begin()->second == strict_counts["drift"]);
     }
     const auto& c = s.by_scorer.at("strict");
     CHECK(strict_counts["correct"] == c.correct);

@@ -28,7 +28,9 @@ namespace fs = std::filesystem;
 
 // 2 methods x 2 fine-tune datasets x 3 epochs x 3 eval datasets + base + CLIP rows. Accuracy (%):
 // base mnist 90, cifar10 80, shapes 70; the fine-tuned dataset gains 2 per epoch; every other dataset loses
-// 10 per epoch (linear) or 20 per epoch (lora). CLIP zero-shot: 95, 90, 85.
+// 10 per epoch (linear) or 20 per epoch (lora). CLIP zero-shot: 95, 90, 85. Answer drift: the base names a class
+// of every other dataset in 1 answer of 100; after epoch e, 5 * e (linear) or 10 * e (lora) answers of every other
+// dataset name a class of the fine-tuned one, and 2 answers one of the third dataset.
 std::vector<std::string> report_lines() {
   const std::vector<std::string> ev = {"mnist", "cifar10", "shapes"};
   const int base[3] = {90, 80, 70};
@@ -54,7 +56,14 @@ std::vector<std::string> report_lines() {
     return j.dump();
   };
   std::vector<std::string> out;
-  for (int d = 0; d < 3; ++d) out.push_back(line("mllm", "", "base", 0, ev[d], "strict", base[d], 2, 3));
+  auto with_naming = [&](const std::string& l, const std::string& eval, const std::string& ft, int64_t to_ft) {
+    auto j = nlohmann::ordered_json::parse(l);
+    for (const auto& other : ev)
+      if (other != eval) j["n_naming"][other] = ft.empty() ? 1 : (other == ft ? to_ft : 2);
+    return j.dump();
+  };
+  for (int d = 0; d < 3; ++d)
+    out.push_back(with_naming(line("mllm", "", "base", 0, ev[d], "strict", base[d], 2, 3), ev[d], "", 0));
   for (int d = 0; d < 3; ++d) out.push_back(line("clip_zero_shot", "", "clip", 0, ev[d], "clip_zero_shot", 95 - 5 * d, 0, 0));
   for (const std::string method : {"linear", "lora"})
     for (const std::string ft : {"mnist", "cifar10"})
@@ -63,7 +72,8 @@ std::vector<std::string> report_lines() {
           const int step = method == "lora" ? 20 : 10;
           const int acc = ev[d] == ft ? base[d] + 2 * e : base[d] - step * e;
           const int lost = 100 - acc;  // failures split: 1/2 extrinsic, 1/4 intrinsic, rest incorrect
-          out.push_back(line("mllm", ft, method, e, ev[d], "strict", acc, lost / 4, lost / 2));
+          out.push_back(with_naming(line("mllm", ft, method, e, ev[d], "strict", acc, lost / 4, lost / 2), ev[d], ft,
+                                    (method == "lora" ? 10 : 5) * e));
         }
   return out;
 }
@@ -107,8 +117,26 @@ TEST_CASE("report writes tables with the expected values", "[report]") {
   for (const char* f : {"accuracy.csv", "accuracy_matrix_linear.csv", "accuracy_matrix_lora.csv", "forgetting.csv",
                         "summary.csv", "encoder_gap.csv", "verdicts.csv", "report.json", "report.html"})
     CHECK(fs::exists(out + "/" + f));
-  CHECK(files.tables.size() == 9);
-  CHECK(files.plots.size() == 14);  // 4 accuracy + 2 radar + 2 heatmap + 4 verdict + 2 learning-vs-forgetting plots
+  CHECK(files.tables.size() == 10);
+  // 4 accuracy + 2 radar + 2 heatmap + 4 verdict + 2 learning-vs-forgetting + 2 answer-drift plots
+  CHECK(files.plots.size() == 16);
+
+  // answer drift: the share of another dataset's answers naming a class of the fine-tuned one, epoch 0 = base
+  auto drift = read_csv(out + "/answer_drift.csv");
+  CHECK(drift[0] == std::vector<std::string>{"method", "finetune_dataset", "epoch", "eval_dataset", "n",
+                                              "naming_finetuned", "rate", "ci_low", "ci_high"});
+  CHECK(drift.size() == 1 + 2 * 2 * 4 * 2);  // epochs 0..3 x the two other datasets of each cell
+  auto dr = find_row(drift, {"lora", "mnist", "2", "shapes"});
+  REQUIRE(dr.size() == 9);
+  CHECK(dr[4] == "100");
+  CHECK(dr[5] == "20");
+  CHECK(std::stod(dr[6]) == Approx(0.20));
+  auto [dlo, dhi] = emt::wilson_interval(20, 100);
+  CHECK(std::stod(dr[7]) == Approx(dlo).margin(1e-6));
+  CHECK(std::stod(dr[8]) == Approx(dhi).margin(1e-6));
+  CHECK(find_row(drift, {"linear", "cifar10", "3", "mnist"})[5] == "15");
+  CHECK(find_row(drift, {"linear", "cifar10", "0", "mnist"})[5] == "1");  // the base's own drift
+  CHECK(find_row(drift, {"lora", "mnist", "1", "mnist"}).empty());       // never the fine-tuned dataset itself
 
   // learning vs forgetting: lora on mnist gained 6 points by epoch 3 and the other two datasets lost 60 each
   auto lvf = read_csv(out + "/learning_vs_forgetting.csv");
@@ -184,6 +212,9 @@ TEST_CASE("report writes tables with the expected values", "[report]") {
   CHECK(found);
   CHECK(j["accuracy"].size() == 48);
   CHECK(j["accuracy"][0]["per_seed"]["0"].is_number());
+  REQUIRE(j["answer_drift"].size() == 32);
+  CHECK(j["answer_drift"][0]["epoch"] == 0);
+  CHECK(j["answer_drift"][0]["naming_finetuned"] == 1);
 
   CHECK(files.matrix.find("method lora") != std::string::npos);
   CHECK(files.matrix.find("clip zero-shot") != std::string::npos);
@@ -374,7 +405,7 @@ TEST_CASE("report output equals the golden files byte for byte", "[report]") {
   const bool update = std::getenv("EMT_UPDATE_GOLDEN") && std::string(std::getenv("EMT_UPDATE_GOLDEN")) == "1";
   for (const char* f : {"accuracy.csv", "accuracy_matrix_linear.csv", "accuracy_matrix_lora.csv", "forgetting.csv",
                         "summary.csv", "encoder_gap.csv", "verdicts.csv", "report.json", "report.html",
-                        "learning_vs_forgetting.csv"}) {
+                        "learning_vs_forgetting.csv", "answer_drift.csv"}) {
     INFO(f);
     const std::string got = golden_form(slurp(out + "/" + f), run);
     if (update) {

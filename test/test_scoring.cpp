@@ -175,6 +175,43 @@ TEST_CASE("user aliases are matched like class names", "[scoring]") {
   CHECK(emt::strict_verdict("an airplane, a plane", s, 0).kind == emt::VerdictKind::correct);
 }
 
+TEST_CASE("answer drift: an answer naming another dataset's class", "[scoring]") {
+  const std::vector<std::string> digits = {"0", "1", "2", "3", "4", "5", "6", "7", "8", "9"};
+  const std::vector<std::string> shapes = {"circle", "square", "star", "bird"};
+  auto pair_sets = [&](const std::vector<std::string>& own, const std::vector<std::string>& other) {
+    return std::make_pair(emt::make_label_set(own, {}, other), emt::make_label_set(other, {}, own));
+  };
+  {
+    // shapes asked, digits fine-tuned
+    auto [own, other] = pair_sets(shapes, digits);
+    CHECK(emt::names_class_of("3", other, own) == 3);
+    CHECK(emt::names_class_of("It is a 7.", other, own) == 7);
+    CHECK(emt::names_class_of("a star", other, own) == -1);
+    CHECK(emt::names_class_of("seven", other, own) == 7);  // the digit set's number-word aliases count
+    CHECK(emt::names_class_of("one star", other, own) == -1);  // "one" is ordinary English
+    CHECK(emt::names_class_of("8 or 2", other, own) == 8);     // the first one named
+    CHECK(emt::names_class_of("", other, own) == -1);
+    CHECK(emt::names_class_of("37", other, own) == -1);  // whole words only
+  }
+  {
+    // shapes asked, CIFAR-10 fine-tuned: "bird" is a class of both
+    auto own = emt::make_label_set(shapes, {}, kCifar10);
+    auto other = emt::make_label_set(kCifar10, {}, shapes);
+    CHECK(emt::names_class_of("a bird", other, own) == -1);  // shared with the asked dataset: not drift
+    CHECK(emt::names_class_of("a red truck", other, own) == 9);
+    CHECK(emt::names_class_of("The object is a deer.", other, own) == 4);
+    CHECK(emt::names_class_of("a bird or a cat", other, own) == 3);
+  }
+  {
+    // the fashion aliases of the other set count
+    auto own = emt::make_label_set(digits, {}, kFashion);
+    auto other = emt::make_label_set(kFashion, {}, digits);
+    CHECK(emt::names_class_of("boot", other, own) == 9);
+    CHECK(emt::names_class_of("T-shirt", other, own) == 0);
+    CHECK(emt::names_class_of("4", other, own) == -1);
+  }
+}
+
 TEST_CASE("verdict names round-trip", "[scoring]") {
   for (auto k : {emt::VerdictKind::correct, emt::VerdictKind::incorrect, emt::VerdictKind::intrinsic,
                  emt::VerdictKind::extrinsic})
@@ -267,6 +304,54 @@ std::string make_rescore_run(const std::string& name) {
   return dir;
 }
 }  // namespace
+
+TEST_CASE("rescore_run counts the answer drift toward every other dataset", "[scoring]") {
+  std::string dir = emt_test::scratch_dir("rescore-drift");
+  auto line = [](const char* ds, int64_t label, const char* label_name, const char* out) {
+    nlohmann::ordered_json j;
+    j["finetune_dataset"] = "digits";
+    j["method"] = "lora";
+    j["seed"] = 0;
+    j["epoch"] = 1;
+    j["dataset"] = ds;
+    j["label"] = label;
+    j["label_name"] = label_name;
+    j["output"] = out;
+    j["verdict_strict"] = "correct";
+    return j.dump() + "\n";
+  };
+  write_text(dir + "/predictions/digits__lora__seed0/epoch_1/toy3.jsonl",
+             line("toy3", 0, "cat", "3") + line("toy3", 1, "dog", "a dog") + line("toy3", 2, "bird", "It is a 7.") +
+                 line("toy3", 0, "cat", "one cat"));
+  write_text(dir + "/predictions/digits__lora__seed0/epoch_1/digits.jsonl",
+             line("digits", 3, "3", "3") + line("digits", 2, "2", "a bird"));
+  emt::RescoreOptions opts;
+  opts.label_sets["toy3"] = emt::make_label_set({"cat", "dog", "bird"}, {}, digit_names());
+  opts.label_sets["digits"] = emt::make_label_set(digit_names(), {}, {"cat", "dog", "bird"});
+  emt::rescore_run(dir, opts);
+  auto loaded = emt::load_results({dir});
+  REQUIRE(loaded.rows.size() == 2);
+  for (const auto& r : loaded.rows) {
+    INFO(r.eval_dataset);
+    if (r.eval_dataset == "toy3") CHECK(r.n_naming == std::map<std::string, int64_t>{{"digits", 2}});
+    else CHECK(r.n_naming == std::map<std::string, int64_t>{{"toy3", 1}});
+  }
+  auto toy = emt_test::read_jsonl(dir + "/predictions/digits__lora__seed0/epoch_1/toy3.jsonl");
+  CHECK(toy[0]["names_class_of"] == "digits=3");
+  CHECK_FALSE(toy[1].contains("names_class_of"));
+  CHECK(toy[2]["names_class_of"] == "digits=7");
+  CHECK_FALSE(toy[3].contains("names_class_of"));
+  // The counts round-trip through results.jsonl and are validated there.
+  auto row = loaded.rows[0];
+  CHECK(emt::parse_result_line(emt::result_to_json_line(row), "x").n_naming == row.n_naming);
+  auto j = nlohmann::json::parse(emt::result_to_json_line(row));
+  j["n_naming"][row.n_naming.begin()->first] = row.n + 1;
+  CHECK_THROWS_AS(emt::parse_result_line(j.dump(), "x:1"), emt::FormatError);
+  j["n_naming"] = nlohmann::json::object({{row.eval_dataset, 1}});
+  CHECK_THROWS_AS(emt::parse_result_line(j.dump(), "x:1"), emt::FormatError);
+  j["n_naming"] = 3;
+  CHECK_THROWS_AS(emt::parse_result_line(j.dump(), "x:1"), emt::FormatError);
+}
 
 TEST_CASE("rescore_run recomputes verdicts and rewrites strict rows", "[scoring]") {
   std::string dir = make_rescore_run("rescore-lib");

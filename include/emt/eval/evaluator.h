@@ -60,11 +60,14 @@ EvalModel eval_model(const BaseModel& base);  // shares base's model and tokeniz
 struct ScoreCounts {
   int64_t n = 0, correct = 0, incorrect = 0, intrinsic = 0, extrinsic = 0;
   double accuracy = 0, ci_low = 0, ci_high = 0;
+  // Answer drift: per other eval dataset, how many answers name one of its classes (names_class_of in
+  // scoring.h). A property of the answers, so every scorer of one dataset carries the same map.
+  std::map<std::string, int64_t> naming;
   void add(VerdictKind k);
   void finish();  // fills accuracy and the interval from the counts
 };
 
-// Copies n, the verdict counts, accuracy and the interval of `c` into a results.jsonl row (other fields untouched).
+// Copies n, the verdict counts, accuracy, the interval and the answer drift of `c` into a results.jsonl row (other fields untouched).
 void set_counts(ResultRow& row, const ScoreCounts& c);
 // A result row of the study's schema: its cell (kind, finetune dataset, method, seed, epoch), what was scored
 // (eval dataset, scorer), the counts and the run's name.

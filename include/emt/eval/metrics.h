@@ -25,6 +25,9 @@ struct ResultRow {
   double accuracy = 0.0;
   int64_t n = 0, n_correct = 0, n_incorrect = 0, n_intrinsic = 0, n_extrinsic = 0;
   double ci_low = 0.0, ci_high = 1.0;
+  // Answer drift ("n_naming", optional): per other eval dataset, how many of the n answers name one of its
+  // classes; empty when not counted (CLIP rows, rows written before it was counted).
+  std::map<std::string, int64_t> n_naming;
   std::string run;
   std::string source;  // "path:line" it was read from (not written)
 
@@ -74,6 +77,9 @@ struct AccuracyTensor {
   torch::Tensor per_seed;  // [M, F, E+1, D, S] float64, NaN when missing
   // Pooled verdict counts over seeds: [M, F, E+1, D, 5] int64 = n, correct, incorrect, intrinsic, extrinsic.
   torch::Tensor counts;
+  // Answer drift pooled over seeds: [M, F, E+1, D, 2] int64 = answers of rows that counted it, and how many of
+  // them name a class of the fine-tuning dataset f (ResultRow::n_naming[f]); epoch 0 from the base rows.
+  torch::Tensor naming;
   std::vector<double> base;  // [D] base-model accuracy (NaN when absent)
   std::vector<double> clip;  // [D] CLIP zero-shot accuracy (NaN when absent)
 
@@ -119,6 +125,16 @@ struct TradeoffPoint {
 std::vector<TradeoffPoint> learning_vs_forgetting(const AccuracyTensor& R);
 // Newcombe's interval of p1 - p2 (k1 of n1 against k2 of n2): {difference, low, high}.
 std::array<double, 3> difference_interval(int64_t k1, int64_t n1, int64_t k2, int64_t n2);
+
+// Answer drift, one point per (method, fine-tuning dataset f, epoch 0..L, eval dataset d != f) with counted
+// answers: the share of d's answers that name a class of f (the paper's "answers with the fine-tuned task's
+// labels"), from the pooled counts, with its Wilson 95% interval.
+struct DriftPoint {
+  std::string method, finetune, eval;
+  int64_t epoch = 0, n = 0, naming = 0;
+  double rate = 0, ci_low = 0, ci_high = 0;
+};
+std::vector<DriftPoint> answer_drift(const AccuracyTensor& R);
 
 // CLIP zero-shot minus the base MLLM per eval dataset, and the sum over datasets that have both (the paper's
 // "total accuracy difference").

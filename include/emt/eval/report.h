@@ -43,6 +43,9 @@ std::string plot_verdicts_png(const AccuracyTensor& R, int64_t method, int64_t f
 // Learning vs forgetting for one fine-tuning dataset: x = gain on it, y = mean change on the others (points, 95%
 // intervals as error bars; learning_vs_forgetting), one coloured line per method through its epochs.
 std::string plot_tradeoff_png(const AccuracyTensor& R, int64_t finetune);
+// Answer drift for one fine-tuning dataset: per method, the pooled share of the other datasets' answers that name
+// one of its classes, per epoch (answer_drift in metrics.h).
+std::string plot_drift_png(const AccuracyTensor& R, int64_t finetune);
 
 std::string base64_encode(const std::string& bytes);
 

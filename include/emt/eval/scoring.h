@@ -60,6 +60,12 @@ LabelSet make_label_set(const std::vector<std::string>& class_names, const std::
 // Throws emt::Error when true_label is outside [0, num_classes).
 Verdict strict_verdict(const std::string& output, const LabelSet& labels, int64_t true_label);
 
+// Whether an answer to `own`'s question names a class of another dataset `other` (the answer drift of
+// docs/report.md): a whole-word match of one of `other`'s class names or aliases, matched as strict_verdict
+// matches (longest phrase first, each span consumed once), that is not also a phrase of one of `own`'s classes.
+// The number word "one" is ordinary English and never counts. Returns the first such class of `other`, or -1.
+int64_t names_class_of(const std::string& output, const LabelSet& other, const LabelSet& own);
+
 // Likelihood ranking: per-class answer log-likelihoods [B, C] and true labels [B] -> predicted class [B] (int64,
 // ties go to the lowest index) and correct [B] (bool). Every wrong answer is an "incorrect" verdict: this scorer
 // cannot hallucinate. TORCH_CHECKs shapes, label range and NaNs.
