@@ -1,4 +1,4 @@
-// `emt eval --rescore RUN_DIR [--judge CMD] [--config CFG]`: re-scores a run's kept generations (predictions/)
+// `emt eval --rescore RUN_DIR [--judge CMD | --judge-url URL --judge-model M] [--config CFG]`: re-scores a run's kept generations (predictions/)
 // with the strict scorer (and an external judge), rewrites results.jsonl and prints the matrix. Model-based
 // evaluation options of `emt eval` belong in this file too.
 #include <emt/core/config.h>
@@ -23,6 +23,7 @@ namespace fs = std::filesystem;
 struct EvalArgs {
   std::string rescore, judge, config;
   std::vector<std::string> aliases;
+  emt::JudgeOptions http;  // --judge-url and friends
 };
 
 // Class names per dataset: the run's config (listed names, else the dataset files), else what predictions show.
@@ -66,6 +67,15 @@ emt::cli::RegisterCommand register_eval_rescore([](CLI::App& root) {
   auto* cmd = root.add_subcommand("eval", "Evaluate; --rescore RUN_DIR re-scores kept generations without a model");
   cmd->add_option("--rescore", a->rescore, "run directory whose predictions/ are re-scored");
   cmd->add_option("--judge", a->judge, "external judge command (JSON question on stdin, yes/no on stdout)");
+  cmd->add_option("--judge-url", a->http.url, "or an OpenAI-compatible judge endpoint (base URL, e.g. "
+                                               "https://api.openai.com/v1)");
+  cmd->add_option("--judge-model", a->http.model, "the judge endpoint's model");
+  cmd->add_option("--judge-key-env", a->http.api_key_env, "variable holding the endpoint's API key")
+      ->default_str(a->http.api_key_env);
+  cmd->add_option("--judge-timeout", a->http.timeout_s, "seconds per judge request")->default_str("30");
+  cmd->add_option("--judge-retries", a->http.retries, "further tries after a timeout, 408, 429 or 5xx")
+      ->default_str("3");
+  cmd->add_option("--judge-cache", a->http.cache, "judge answer cache (default RUN_DIR/judge_cache.jsonl)");
   cmd->add_option("--config", a->config, "run config for class names and aliases (default RUN_DIR/config.yaml)");
   cmd->add_option("--alias", a->aliases, "extra DATASET:alias=label pairs for the strict scorer");
   cmd->callback([a] {
@@ -74,13 +84,21 @@ emt::cli::RegisterCommand register_eval_rescore([](CLI::App& root) {
                              "`emt study`)");
     emt::RescoreOptions opts;
     opts.label_sets = label_sets_for(*a);
-    opts.judge_command = a->judge;
+    if (!a->judge.empty() || !a->http.url.empty()) {
+      emt::JudgeOptions jo = a->http;
+      jo.command = a->judge;
+      if (jo.cache.empty()) jo.cache = (fs::path(a->rescore) / "judge_cache.jsonl").string();
+      opts.judge = std::make_shared<emt::Judge>(jo);
+    }
     emt::RescoreSummary s = emt::rescore_run(a->rescore, opts);
     const emt::LoadedResults results = emt::load_results({a->rescore});
     std::cout << emt::format_matrix(results.rows, "strict");
-    if (!a->judge.empty()) std::cout << emt::format_matrix(results.rows, "judge");
+    if (opts.judge) std::cout << emt::format_matrix(results.rows, "judge");
     std::cout << "rescored " << s.predictions << " answers in " << s.files << " files (" << s.changed
               << " strict verdicts changed); " << s.rows_written << " results rows written\n";
+    if (opts.judge)
+      std::cout << "judge " << opts.judge->describe() << ": " << opts.judge->asked() << " question(s) asked, "
+                << opts.judge->cached() << " answered from the cache\n";
   });
 });
 

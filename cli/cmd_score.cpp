@@ -130,7 +130,7 @@ emt::cli::RegisterCommand register_score([](CLI::App& root) {
       ->check(CLI::ExistingDirectory);
   cmd->add_option("--out", args->out, "output directory (default: <run.out_dir>/<run.name>/score)");
   cmd->add_flag("--no-clip", args->no_clip, "skip the CLIP model (no zero-shot baseline, no clip scorer)");
-  cmd->add_flag("--allow-judge", args->allow_judge, "run the judge command the config names (eval.judge_command)");
+  cmd->add_flag("--allow-judge", args->allow_judge, "run the judge command or contact the judge endpoint the config names (eval.judge_command, eval.judge_url)");
   cmd->callback([args] {
     emt::allow_config_judge(args->allow_judge);
     run_score(*args);

@@ -21,7 +21,7 @@ emt::cli::RegisterCommand register_study([](CLI::App& root) {
   cmd->add_flag("--no-report", *no_report, "skip writing RUN_DIR/report");
   cmd->add_flag("--list-cells", *list_cells, "print the grid, one 'dataset method seed' line per cell, and exit");
   auto allow_judge = std::make_shared<bool>(false);
-  cmd->add_flag("--allow-judge", *allow_judge, "run the judge command the config names (eval.judge_command)");
+  cmd->add_flag("--allow-judge", *allow_judge, "run the judge command or contact the judge endpoint the config names (eval.judge_command, eval.judge_url)");
   cmd->callback([=] {
     emt::allow_config_judge(*allow_judge);
     auto cfg = emt::load_config(*path, *overrides);

@@ -221,7 +221,7 @@ emt::cli::RegisterCommand register_sweep([](CLI::App& root) {
   cmd->add_option("-j,--jobs", a->jobs, "local: tasks at once (default: sweep.parallel)");
   cmd->add_option("--run-task", a->run_task, "run one task by index (what each Slurm array task does)");
   cmd->add_flag("--report-only", a->report_only, "write the report over the finished tasks and exit");
-  cmd->add_flag("--allow-judge", a->allow_judge, "let every study task run the judge command its config names");
+  cmd->add_flag("--allow-judge", a->allow_judge, "let every study task run the judge command or contact the judge endpoint its config names");
   cmd->callback([a] {
     int rc = sweep_main(*a);
     if (rc == emt::cli::kExitPreempted) throw emt::Preempted("[sweep] tasks were preempted; rerun to continue");

@@ -566,8 +566,17 @@ void check_eval(const RunConfig& c, Checker& ck) {
   for (size_t i = 0; i < e.scorers.size(); ++i) ck.one_of(fmt::format("eval.scorers[{}]", i), e.scorers[i], scorers);
   bool uses_judge = e.primary_scorer == "judge" ||
                     std::find(e.scorers.begin(), e.scorers.end(), "judge") != e.scorers.end();
-  if (uses_judge && e.judge_command.empty())
-    ck.fail("eval.judge_command", "must be set when the 'judge' scorer is used");
+  if (uses_judge && e.judge_command.empty() && e.judge_url.empty())
+    ck.fail("eval.judge_command", "eval.judge_command or eval.judge_url must be set when the 'judge' scorer is used");
+  if (!e.judge_command.empty() && !e.judge_url.empty())
+    ck.fail("eval.judge_url", "set either eval.judge_command or eval.judge_url, not both");
+  if (!e.judge_url.empty()) {
+    if (e.judge_url.rfind("http://", 0) != 0 && e.judge_url.rfind("https://", 0) != 0)
+      ck.fail("eval.judge_url", "must start with http:// or https:// (got '" + e.judge_url + "')");
+    if (e.judge_model.empty()) ck.fail("eval.judge_model", "must name the endpoint's model when eval.judge_url is set");
+  }
+  ck.positive("eval.judge_timeout_s", e.judge_timeout_s);
+  ck.non_negative("eval.judge_retries", e.judge_retries);
   if (e.clip_baseline && e.clip_templates.empty()) ck.fail("eval.clip_templates", "needs at least one template");
   for (const auto& tpl : e.clip_templates)
     if (tpl.find("{label}") == std::string::npos)

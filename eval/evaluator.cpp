@@ -312,6 +312,7 @@ struct Evaluator::Impl {
   bool progress = true;
   std::shared_ptr<Communicator> comm;  // data parallel: batches dealt out over the ranks, answers gathered
   std::map<std::string, RegisteredScorer> custom;  // registered scorers (configured or not)
+  std::unique_ptr<Judge> judge;                    // the judge scorer's, when configured
 
   // The configured registered scorers that apply to `dataset`, in name order.
   std::vector<std::string> custom_for(const std::string& dataset) const {
@@ -360,11 +361,17 @@ void register_scorer(const std::string& name, ScorerFn fn, std::vector<std::stri
 void check_config_judge(const RunConfig& cfg) {
   const auto& s = cfg.eval.scorers;
   const bool judged = cfg.eval.primary_scorer == "judge" || std::find(s.begin(), s.end(), "judge") != s.end();
-  if (judged && !config_judge_allowed())
+  if (!judged || config_judge_allowed()) return;
+  if (!cfg.eval.judge_url.empty())
     throw ConfigError(fmt::format(
-        "[eval] eval.judge_command: the config asks to run '{}' as the judge, and a config never runs a program by "
-        "itself; add --allow-judge to the command line to run it (library code: emt::allow_config_judge(true))",
-        cfg.eval.judge_command));
+        "[eval] eval.judge_url: the config asks to send every answer to {} (model '{}') as the judge, and a config "
+        "never contacts a host by itself; add --allow-judge to the command line to allow it (library code: "
+        "emt::allow_config_judge(true))",
+        cfg.eval.judge_url, cfg.eval.judge_model));
+  throw ConfigError(fmt::format(
+      "[eval] eval.judge_command: the config asks to run '{}' as the judge, and a config never runs a program by "
+      "itself; add --allow-judge to the command line to run it (library code: emt::allow_config_judge(true))",
+      cfg.eval.judge_command));
 }
 
 Evaluator::Evaluator(const RunConfig& cfg) : impl_(std::make_unique<Impl>()) {
@@ -381,9 +388,11 @@ Evaluator::Evaluator(const RunConfig& cfg) : impl_(std::make_unique<Impl>()) {
   for (const auto& s : listed)
     if (std::find(known.begin(), known.end(), s) == known.end())
       throw ConfigError(fmt::format("[eval] eval.scorers: unknown scorer '{}' (known: {})", s, fmt::join(known, ", ")));
-  if (d.configured("judge") && cfg.eval.judge_command.empty())
-    throw ConfigError("[eval] eval.judge_command: the judge scorer is configured but no command is set");
+  if (d.configured("judge") && cfg.eval.judge_command.empty() && cfg.eval.judge_url.empty())
+    throw ConfigError("[eval] eval.judge_command: the judge scorer is configured but neither a command nor "
+                      "eval.judge_url is set");
   check_config_judge(cfg);
+  if (d.configured("judge")) d.judge = std::make_unique<Judge>(judge_options(cfg));
   if (cfg.eval.batch_size <= 0)
     throw ConfigError(fmt::format("[eval] eval.batch_size must be > 0 (got {})", cfg.eval.batch_size));
 
@@ -594,7 +603,7 @@ void Evaluator::Impl::score_answer(const DatasetScorers& sc, const LabelSet& ls,
     f.emplace_back("pred_clip", p);
   }
   if (sc.judge) {
-    const bool yes = judge_says_yes(cfg.eval.judge_command, label_name, output);
+    const bool yes = judge->says_yes(label_name, output);
     // A "no" keeps the strict failure kind when strict agrees it failed (as re-scoring does).
     const VerdictKind kind =
         yes ? VerdictKind::correct : (v.kind == VerdictKind::correct ? VerdictKind::incorrect : v.kind);

@@ -1,31 +1,21 @@
-// EMT scoring: normalisation, label sets, the strict lexical verdict, likelihood ranking, the external judge
-// (a child process speaking JSON on stdin, yes/no on stdout) and re-scoring a run's kept generations.
+// EMT scoring: normalisation, label sets, the strict lexical verdict, likelihood ranking and re-scoring a run's
+// kept generations (the judge itself is in judge.cpp).
 #include <emt/core/error.h>
 #include <emt/core/runtime.h>
+#include <emt/eval/judge.h>
 #include <emt/eval/metrics.h>
 #include <emt/eval/scoring.h>
 #include "core/text.h"
-#include <fcntl.h>
 #include <fmt/format.h>
-#include <poll.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cerrno>
-#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <tuple>
-
-extern char** environ;
 
 namespace emt {
 
@@ -303,142 +293,6 @@ LikelihoodResult likelihood_rank(const torch::Tensor& loglik, const torch::Tenso
   return {pred, pred == lab.to(pred.device())};
 }
 
-// ---- external judge ---------------------------------------------------------------------------------------------
-
-std::string judge_question(const std::string& label, const std::string& prediction) {
-  return "Is the \"Prediction\" correctly predicting the right \"Label\"? Label: " + label +
-         "; Prediction: " + prediction + ".";
-}
-
-namespace {
-
-std::string clip_text(const std::string& s, size_t max = 300) {
-  std::string t = detail::trim(s);
-  return t.size() <= max ? t : t.substr(0, max) + "...";
-}
-
-struct ChildOutput {
-  int status = 0;
-  std::string out, err;
-};
-
-// Runs `sh -c command`, feeding `input` on stdin while draining stdout and stderr (no deadlock on big outputs;
-// a child that never reads stdin is fine: SIGPIPE is blocked and EPIPE ends the writing).
-ChildOutput run_with_pipes(const std::string& command, const std::string& input) {
-  int in[2], out[2], err[2];
-  if (::pipe2(in, O_CLOEXEC) != 0) throw IoError(fmt::format("[judge] pipe: {}", std::strerror(errno)));
-  if (::pipe2(out, O_CLOEXEC) != 0) {
-    ::close(in[0]); ::close(in[1]);
-    throw IoError(fmt::format("[judge] pipe: {}", std::strerror(errno)));
-  }
-  if (::pipe2(err, O_CLOEXEC) != 0) {
-    for (int fd : {in[0], in[1], out[0], out[1]}) ::close(fd);
-    throw IoError(fmt::format("[judge] pipe: {}", std::strerror(errno)));
-  }
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_adddup2(&fa, in[0], 0);
-  posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-  posix_spawn_file_actions_adddup2(&fa, err[1], 2);
-  std::string sh = "/bin/sh", dash_c = "-c", cmd = command;
-  char* argv[] = {sh.data(), dash_c.data(), cmd.data(), nullptr};
-  pid_t pid = -1;
-  int rc = posix_spawn(&pid, "/bin/sh", &fa, nullptr, argv, environ);
-  posix_spawn_file_actions_destroy(&fa);
-  ::close(in[0]);
-  ::close(out[1]);
-  ::close(err[1]);
-  if (rc != 0) {
-    ::close(in[1]); ::close(out[0]); ::close(err[0]);
-    throw IoError(fmt::format("[judge] cannot start '{}': {}", command, std::strerror(rc)));
-  }
-
-  sigset_t pipe_set, old_set;
-  sigemptyset(&pipe_set);
-  sigaddset(&pipe_set, SIGPIPE);
-  pthread_sigmask(SIG_BLOCK, &pipe_set, &old_set);
-  ::fcntl(in[1], F_SETFL, ::fcntl(in[1], F_GETFL) | O_NONBLOCK);
-
-  ChildOutput res;
-  size_t written = 0;
-  int in_fd = in[1];
-  if (input.empty()) { ::close(in_fd); in_fd = -1; }
-  bool out_open = true, err_open = true;
-  char buf[4096];
-  while (out_open || err_open) {
-    pollfd fds[3];
-    int nf = 0, i_out = -1, i_err = -1, i_in = -1;
-    if (out_open) { fds[nf] = {out[0], POLLIN, 0}; i_out = nf++; }
-    if (err_open) { fds[nf] = {err[0], POLLIN, 0}; i_err = nf++; }
-    if (in_fd >= 0) { fds[nf] = {in_fd, POLLOUT, 0}; i_in = nf++; }
-    if (::poll(fds, nf, -1) < 0) {
-      if (errno == EINTR) continue;
-      break;
-    }
-    if (i_in >= 0 && fds[i_in].revents) {
-      ssize_t w = ::write(in_fd, input.data() + written, input.size() - written);
-      if (w > 0) written += static_cast<size_t>(w);
-      if ((w < 0 && errno != EAGAIN && errno != EINTR) || written == input.size() || (fds[i_in].revents & POLLERR)) {
-        ::close(in_fd);
-        in_fd = -1;
-      }
-    }
-    for (auto [idx, fd, open, dst] : {std::tuple<int, int, bool*, std::string*>{i_out, out[0], &out_open, &res.out},
-                                      std::tuple<int, int, bool*, std::string*>{i_err, err[0], &err_open, &res.err}}) {
-      if (idx < 0 || !fds[idx].revents) continue;
-      ssize_t r = ::read(fd, buf, sizeof buf);
-      if (r > 0) dst->append(buf, static_cast<size_t>(r));
-      else if (r == 0 || (errno != EINTR && errno != EAGAIN)) *open = false;
-    }
-  }
-  if (in_fd >= 0) ::close(in_fd);
-  ::close(out[0]);
-  ::close(err[0]);
-  while (::waitpid(pid, &res.status, 0) < 0 && errno == EINTR) {
-  }
-  // Swallow a SIGPIPE raised by our own write before restoring the mask.
-  timespec zero{0, 0};
-  while (sigtimedwait(&pipe_set, nullptr, &zero) > 0) {
-  }
-  pthread_sigmask(SIG_SETMASK, &old_set, nullptr);
-  return res;
-}
-
-}  // namespace
-
-namespace {
-std::atomic<bool> g_config_judge_allowed{false};
-}  // namespace
-
-void allow_config_judge(bool allowed) { g_config_judge_allowed = allowed; }
-bool config_judge_allowed() { return g_config_judge_allowed.load(); }
-
-bool judge_says_yes(const std::string& command, const std::string& label, const std::string& prediction) {
-  if (detail::trim(command).empty()) throw ConfigError("[judge] empty judge command (eval.judge_command)");
-  nlohmann::ordered_json q;
-  q["question"] = judge_question(label, prediction);
-  q["label"] = label;
-  q["prediction"] = prediction;
-  ChildOutput r = run_with_pipes(command, q.dump() + "\n");
-  if (!WIFEXITED(r.status) || WEXITSTATUS(r.status) != 0) {
-    std::string how = WIFEXITED(r.status) ? fmt::format("exited with status {}", WEXITSTATUS(r.status))
-                                          : fmt::format("was killed by signal {}", WTERMSIG(r.status));
-    throw Error(fmt::format("[judge] command '{}' {}; stdout: '{}'; stderr: '{}'", command, how, clip_text(r.out),
-                            clip_text(r.err)));
-  }
-  std::istringstream is(r.out);
-  std::string word;
-  is >> word;
-  std::string w;
-  for (char c : word) w.push_back(static_cast<char>(std::tolower(static_cast<unsigned char>(c))));
-  while (!w.empty() && std::ispunct(static_cast<unsigned char>(w.back()))) w.pop_back();
-  while (!w.empty() && std::ispunct(static_cast<unsigned char>(w.front()))) w.erase(w.begin());
-  if (w == "yes") return true;
-  if (w == "no") return false;
-  throw Error(fmt::format("[judge] command '{}' answered '{}' (expected yes or no as the first word); stderr: '{}'",
-                          command, clip_text(r.out), clip_text(r.err)));
-}
-
 // ---- re-scoring a run -------------------------------------------------------------------------------------------
 
 namespace {
@@ -596,17 +450,17 @@ std::vector<ResultRow> rescore_file(const PredFile& f, const RescoreOptions& opt
       if (other == ds) continue;
       const int64_t k = names_class_of(output, other_ls, ls->second);
       strict.n_naming[other] += k >= 0;
-      if (!opts.judge_command.empty()) judge.n_naming[other] += k >= 0;
+      if (opts.judge) judge.n_naming[other] += k >= 0;
       if (k >= 0) named += (named.empty() ? "" : ",") + other + "=" + other_ls.class_names[k];
     }
     const bool had = j.contains("names_class_of");
     if (had != !named.empty() || (had && j["names_class_of"] != named)) file_changed = true;
     if (named.empty()) j.erase("names_class_of");
     else j["names_class_of"] = named;
-    if (!opts.judge_command.empty()) {
+    if (opts.judge) {
       std::string label_name = j.contains("label_name") ? field<std::string>(j, "label_name", where)
                                                         : ls->second.class_names[label];
-      bool yes = judge_says_yes(opts.judge_command, label_name, output);
+      bool yes = opts.judge->says_yes(label_name, output);
       // A "no" keeps the strict failure kind when strict agrees it failed, so the taxonomy survives.
       VerdictKind jk = yes ? VerdictKind::correct
                            : (v.kind == VerdictKind::correct ? VerdictKind::incorrect : v.kind);

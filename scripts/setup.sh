@@ -5,6 +5,7 @@ PKGS=(
   build-essential cmake ninja-build pkg-config git
   libtorch-dev libopenblas0-openmp libgloo-dev          # LibTorch + an optimized BLAS (reference BLAS is ~25x slower)
   libopencv-dev libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev zlib1g-dev
+  libcurl4-openssl-dev libcpp-httplib-dev                # the HTTP judge; its loopback stub server in the tests
   libsentencepiece-dev                                   # loaded through emt's dlopen plug-in only
   catch2 clang-14 libclang-rt-14-dev                     # tests, fuzzing and sanitizers
   dataset-fashion-mnist                                  # real Fashion-MNIST (IDX, gzipped)

@@ -210,6 +210,7 @@ struct Fixture {
   explicit Fixture(const std::string& name, const std::function<void(emt::RunConfig&)>& edit = {}) {
     dir = emt_test::scratch_dir(name);
     cfg = eval_config(dir + "/data");
+    cfg.run.out_dir = dir + "/runs";  // the judge cache lives in the run directory
     if (edit) edit(cfg);
     ev = std::make_unique<emt::Evaluator>(cfg);
     ev->set_progress(false);

@@ -319,6 +319,12 @@ struct EvalSection {
   std::string primary_scorer = "strict"; // strict | clip | likelihood | judge
   std::vector<std::string> scorers = {"strict", "likelihood"};
   std::string judge_command;             // external judge: reads JSON on stdin, prints yes/no
+  std::string judge_url;                 // or an OpenAI-compatible endpoint's base URL
+  std::string judge_model;
+  std::string judge_api_key_env = "OPENAI_API_KEY";
+  double judge_timeout_s = 30;
+  int64_t judge_retries = 3;
+  std::string judge_cache;               // "" = <run dir>/judge_cache.jsonl
   bool clip_baseline = true;             // CLIP zero-shot accuracy of the vision encoder
   std::string clip_model;                // HF CLIP dir; empty = <base model dir>/clip when present
   std::vector<std::string> clip_templates = {"a photo of a {label}."};
@@ -333,6 +339,12 @@ struct EvalSection {
     v("primary_scorer", primary_scorer, "strict | clip | likelihood | judge");
     v("scorers", scorers, "scorers computed besides the primary one");
     v("judge_command", judge_command, "external judge command (JSON on stdin, yes/no on stdout); runs only when the command line says `--allow-judge` (docs/scoring.md)");
+    v("judge_url", judge_url, "OpenAI-compatible API base URL of the judge (POST <url>/chat/completions), instead of a command; contacted only with `--allow-judge`");
+    v("judge_model", judge_model, "the judge endpoint's model name (required with judge_url)");
+    v("judge_api_key_env", judge_api_key_env, "environment variable holding the judge endpoint's API key (never written anywhere); unset = no key sent");
+    v("judge_timeout_s", judge_timeout_s, "judge request timeout in seconds, connection included");
+    v("judge_retries", judge_retries, "further tries after a judge timeout, connection error, HTTP 408, 429 or 5xx (backoff 1, 2, 4 ... s)");
+    v("judge_cache", judge_cache, "JSON-lines cache of judge answers keyed by (judge, label, prediction); empty = <run dir>/judge_cache.jsonl");
     v("clip_baseline", clip_baseline, "score the vision encoder's CLIP zero-shot accuracy");
     v("clip_model", clip_model, "HF CLIP directory for the baseline and the clip scorer; empty = <base>/clip");
     v("clip_templates", clip_templates, "zero-shot prompt ensemble; {label} is replaced");

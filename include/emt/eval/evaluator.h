@@ -82,7 +82,8 @@ struct DatasetScores {
 };
 
 // ConfigError when the config scores with the judge (eval.scorers or eval.primary_scorer) and the process has
-// not allowed a config's judge command to run (allow_config_judge in scoring.h). The Evaluator and the study
+// not allowed a config's judge command to run or its endpoint to be contacted (allow_config_judge in judge.h); the
+// message names the command or the URL and says how to allow it. The Evaluator and the study
 // check it before any work.
 void check_config_judge(const RunConfig& cfg);
 
@@ -93,7 +94,8 @@ class Evaluator {
   // eval.max_samples) chosen deterministically from cfg.run.seed, so every epoch scores exactly the same images.
   // Builds each dataset's strict label set (its aliases; the other eval datasets' class names as contradicting
   // phrases). ConfigError on unknown or unlabelled datasets named explicitly, unknown scorers, judge without a
-  // command, and a judge the process has not allowed (allow_config_judge in scoring.h).
+  // command or URL, and a judge the process has not allowed (allow_config_judge in judge.h). The judge scorer
+  // asks a Judge built from judge_options(cfg) (judge.h), so its answers are cached in the run directory.
   explicit Evaluator(const RunConfig& cfg);
   ~Evaluator();
   Evaluator(const Evaluator&) = delete;

@@ -1,11 +1,13 @@
 // EMT scoring: text normalisation, label sets with aliases, the strict lexical verdict (correct / incorrect /
-// intrinsic / extrinsic hallucination), likelihood ranking, the external yes/no judge and re-scoring a run.
+// intrinsic / extrinsic hallucination), likelihood ranking and re-scoring a run (the judge: judge.h).
 // The exact rules are written down in docs/scoring.md.
 #pragma once
+#include <emt/eval/judge.h>
 #include <torch/types.h>
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -75,24 +77,11 @@ struct LikelihoodResult {
 };
 LikelihoodResult likelihood_rank(const torch::Tensor& loglik, const torch::Tensor& labels);
 
-// The paper's judge question with label and prediction filled in.
-std::string judge_question(const std::string& label, const std::string& prediction);
-// Runs `command` with /bin/sh -c, writes {"question", "label", "prediction"} as one JSON line on its stdin and
-// reads its stdout: the first word, case-insensitive and without trailing punctuation, must be yes or no.
-// Throws emt::Error naming the command and what it printed on a non-zero exit, a signal, or any other answer.
-bool judge_says_yes(const std::string& command, const std::string& label, const std::string& prediction);
-
-// A config never runs a program by itself: the Evaluator refuses a configured judge (eval.judge_command with the
-// judge scorer) unless the process allowed it, which the CLI does for --allow-judge and a library user does in
-// code. Off by default; judge_says_yes itself, called with an explicit command, is not gated.
-void allow_config_judge(bool allowed);
-bool config_judge_allowed();
-
 // ---- re-scoring a run directory from its kept generations ------------------------------------------------------
 
 struct RescoreOptions {
   std::map<std::string, LabelSet> label_sets;  // eval dataset name -> its label set
-  std::string judge_command;                   // empty: no judge rows
+  std::shared_ptr<Judge> judge;                // null: no judge rows
 };
 struct RescoreSummary {
   int64_t files = 0;        // predictions/*/epoch_*/*.jsonl read
