@@ -1,5 +1,5 @@
 // `emt report RUN_DIR... --out DIR [--scorer strict]`: combines the results of one or more run directories
-// (machines, job-array tasks) into CSV/JSON tables, PNG plots and report.html, and prints the accuracy matrix.
+// (machines, job-array tasks) into CSV/JSON tables, PNG/SVG/PDF plots and report.html, and prints the accuracy matrix.
 #include <emt/core/error.h>
 #include <emt/eval/metrics.h>
 #include <emt/eval/report.h>
@@ -29,7 +29,7 @@ emt::cli::RegisterCommand register_report([](CLI::App& root) {
     const emt::ReportFiles files = emt::write_report(results, a->opts);
     std::cout << files.matrix;
     std::cout << "report: " << files.html << " (" << files.tables.size() << " tables, " << files.plots.size()
-              << " plots";
+              << " plots, each also as SVG and PDF";
     if (results.duplicates > 0) std::cout << ", " << results.duplicates << " duplicate rows replaced";
     std::cout << ")\n";
   });

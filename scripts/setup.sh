@@ -6,6 +6,7 @@ PKGS=(
   libtorch-dev libopenblas0-openmp libgloo-dev          # LibTorch + an optimized BLAS (reference BLAS is ~25x slower)
   libopencv-dev libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev zlib1g-dev
   libcurl4-openssl-dev libcpp-httplib-dev                # the HTTP judge; its loopback stub server in the tests
+  libplplot-dev plplot-driver-cairo                      # the report's figures: PNG, SVG and PDF
   libsentencepiece-dev                                   # loaded through emt's dlopen plug-in only
   catch2 clang-14 libclang-rt-14-dev                     # tests, fuzzing and sanitizers
   dataset-fashion-mnist                                  # real Fashion-MNIST (IDX, gzipped)

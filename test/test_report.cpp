@@ -248,6 +248,22 @@ TEST_CASE("report PNGs decode at their fixed sizes and are inlined in report.htm
   for (const char* name : {"plots/accuracy_lora_mnist.png", "plots/radar_linear.png", "plots/heatmap_lora.png",
                            "plots/verdicts_linear_cifar10.png"})
     CHECK(fs::exists(out + "/" + name));
+  // Every figure also as SVG and PDF, beside its PNG, linked from the HTML.
+  REQUIRE(files.vector_plots.size() == 2 * files.plots.size());
+  for (const auto& png : files.plots) {
+    INFO(png);
+    const fs::path stem = fs::path(png).replace_extension();
+    const std::string svg = slurp(stem.string() + ".svg"), pdf = slurp(stem.string() + ".pdf");
+    CHECK(svg.find("<svg") != std::string::npos);
+    CHECK(svg.find("</svg>") != std::string::npos);
+    CHECK(svg.find("width=\"" + std::to_string(fs::path(png).filename().string().rfind("radar_", 0) == 0
+                                                    ? emt::kRadarSize : emt::kPlotWidth)) != std::string::npos);
+    CHECK(pdf.rfind("%PDF-", 0) == 0);
+    CHECK(pdf.find("%%EOF") != std::string::npos);
+    const std::string rel = "plots/" + stem.filename().string();
+    CHECK(html.find("href=\"" + rel + ".svg\"") != std::string::npos);
+    CHECK(html.find("href=\"" + rel + ".pdf\"") != std::string::npos);
+  }
 }
 
 TEST_CASE("base64 encoding matches RFC 4648 vectors", "[report]") {
@@ -351,7 +367,7 @@ TEST_CASE("the accuracy plot puts each point at its accuracy", "[report]") {
   auto render = [&](double base, double epoch1) {
     emt::ResultRow b = row("base", 0, base), e = row("lora", 1, epoch1);
     auto R = emt::accuracy_tensor({b, e}, "strict");
-    auto png = emt::plot_accuracy_png(R, 0, 0);
+    auto png = emt::plot_accuracy(R, 0, 0);
     return cv::imdecode(std::vector<uchar>(png.begin(), png.end()), cv::IMREAD_COLOR);
   };
   // the marker colour: the most frequent non-grey colour left of the legend in a plot with one series
