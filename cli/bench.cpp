@@ -397,9 +397,10 @@ void add_tables(CLI::App& bench) {
   auto* data = bench.add_subcommand(
       "data", "PNG decode + CLIP preprocessing, images/s, vs PIL + transformers (scripts/bench/data_ref.py)");
   auto d = std::make_shared<DataArgs>();
-  data->add_option("--python", d->pythons, "interpreters of the references (missing = left out)")->delimiter(',');
+  data->add_option("--python", d->pythons, "interpreters of the references (missing = left out)")
+      ->delimiter(',')->allow_extra_args(false);
   data->add_option("--script", d->script, "the reference script")->default_val(d->script);
-  data->add_option("--sizes", d->sizes, "output sizes")->delimiter(',');
+  data->add_option("--sizes", d->sizes, "output sizes")->delimiter(',')->allow_extra_args(false);
   data->add_option("--images", d->images, "images per side per round")->default_val(d->images);
   data->add_option("--rounds", d->rounds, "rounds")->default_val(d->rounds);
   data->add_option("--threads", d->threads, "intra-op threads of every side")->default_val(d->threads);
@@ -408,7 +409,7 @@ void add_tables(CLI::App& bench) {
   auto* memory = bench.add_subcommand("memory", "Peak RSS of a training process per method");
   auto m = std::make_shared<MemoryArgs>();
   memory->add_option("--model", m->model, "a config naming the model (model.*)")->default_val(m->model);
-  memory->add_option("--methods", m->methods, "methods (linear, lora, full)")->delimiter(',');
+  memory->add_option("--methods", m->methods, "methods (linear, lora, full)")->delimiter(',')->allow_extra_args(false);
   memory->add_option("--batch", m->batch, "samples per step")->default_val(m->batch);
   memory->add_option("--text-tokens", m->text_tokens, "text tokens per sample")->default_val(m->text_tokens);
   memory->add_option("--steps", m->steps, "optimizer steps per process")->default_val(m->steps);

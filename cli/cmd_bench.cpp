@@ -276,9 +276,10 @@ RegisterCommand register_bench([](CLI::App& root) {
       "train", "Fine-tuning step per method vs the same model and step in PyTorch eager (scripts/bench/train_ref.py)");
   auto a = std::make_shared<Args>();
   train->add_option("--model", a->model, "a config naming the model (model.*)")->default_val(a->model);
-  train->add_option("--methods", a->methods, "methods to time (linear, lora, full)")->delimiter(',');
+  train->add_option("--methods", a->methods, "methods to time (linear, lora, full)")
+      ->delimiter(',')->allow_extra_args(false);
   train->add_option("--python", a->pythons, "interpreters of the references (each gets a row; missing = left out)")
-      ->delimiter(',');
+      ->delimiter(',')->allow_extra_args(false);
   train->add_option("--script", a->script, "the reference script")->default_val(a->script);
   train->add_option("--batch", a->batch, "samples per step")->default_val(a->batch);
   train->add_option("--text-tokens", a->text_tokens, "text tokens per sample, the image token included")

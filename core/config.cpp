@@ -254,7 +254,7 @@ void apply_file(const std::string& path, RunConfig& cfg, Problems& p, std::vecto
     chain.pop_back();
     return;  // an empty file is a valid (empty) layer
   }
-  Layer layer{path};
+  Layer layer{path, false, {}};
   if (!root.IsMap()) {
     p.add(location(layer, root.Mark()), "<root>", "expected a mapping of sections (got " + shown(root) + ")");
     chain.pop_back();
@@ -738,7 +738,7 @@ RunConfig load_config_string(const std::string& yaml, const std::vector<std::str
   }
   if (root.IsDefined() && !root.IsNull()) {
     if (root["extends"]) p.add(name, "extends", "is only supported in files (relative paths need a directory)");
-    Loader(Layer{name}, p).apply_section(root, cfg, "");
+    Loader(Layer{name, false, {}}, p).apply_section(root, cfg, "");
   }
   return finish(std::move(cfg), p, overrides);
 }

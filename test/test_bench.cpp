@@ -45,6 +45,12 @@ TEST_CASE("bench: a missing interpreter is left out, a failing reference is an e
   INFO(r.output);
   CHECK(r.code != 0);
   CHECK(r.output.find("linear, lora or full") != std::string::npos);
+  // a list option takes one (comma-separated) argument: an override after it stays an override
+  r = emt_test::run_cli(kBench + " --methods linear --python /nonexistent/python3 model.no_such_key=1");
+  INFO(r.output);
+  CHECK(r.code != 0);
+  CHECK(r.output.find("no_such_key") != std::string::npos);
+  CHECK(r.output.find("has no reference") == std::string::npos);
 }
 
 namespace {
