@@ -358,6 +358,19 @@ void register_scorer(const std::string& name, ScorerFn fn, std::vector<std::stri
   registered_scorers()[name] = {std::move(fn), std::move(datasets)};
 }
 
+RescoreOptions::Scorer registered_scorer(const std::string& name) {
+  std::lock_guard<std::mutex> l(g_scorers_mutex);
+  const auto& m = registered_scorers();
+  auto it = m.find(name);
+  if (it == m.end()) {
+    std::string known;
+    for (const auto& [n, _] : m) known += (known.empty() ? "" : ", ") + n;
+    throw ConfigError(fmt::format("[eval] scorer '{}' is not registered (registered: {})", name,
+                                  known.empty() ? "none" : known));
+  }
+  return {name, it->second.fn, it->second.datasets};
+}
+
 void check_config_judge(const RunConfig& cfg) {
   const auto& s = cfg.eval.scorers;
   const bool judged = cfg.eval.primary_scorer == "judge" || std::find(s.begin(), s.end(), "judge") != s.end();

@@ -392,14 +392,19 @@ std::map<std::string, std::vector<std::string>> class_names_from_predictions(con
 
 namespace {
 
-// One prediction file re-scored in place (rewritten only when a verdict changed) -> its strict (and judge)
-// result rows, empty when the file holds no prediction.
+bool applies(const RescoreOptions::Scorer& sc, const std::string& dataset) {
+  return sc.datasets.empty() || std::find(sc.datasets.begin(), sc.datasets.end(), dataset) != sc.datasets.end();
+}
+
+// One prediction file re-scored in place (rewritten only when a verdict changed) -> its strict (judge, own
+// scorers') result rows, empty when the file holds no prediction.
 std::vector<ResultRow> rescore_file(const PredFile& f, const RescoreOptions& opts, const std::string& run_name,
                                     RescoreSummary& sum) {
   auto lines = read_lines(f.path.string());
   CellId cell;
   bool cell_known = false;
   ResultRow strict, judge;
+  std::vector<ResultRow> own(opts.scorers.size());  // one per scorer of opts.scorers
   bool file_changed = false;
   std::string rewritten;
   for (size_t i = 0; i < lines.size(); ++i) {
@@ -451,6 +456,8 @@ std::vector<ResultRow> rescore_file(const PredFile& f, const RescoreOptions& opt
       const int64_t k = names_class_of(output, other_ls, ls->second);
       strict.n_naming[other] += k >= 0;
       if (opts.judge) judge.n_naming[other] += k >= 0;
+      for (size_t si = 0; si < own.size(); ++si)
+        if (applies(opts.scorers[si], ds)) own[si].n_naming[other] += k >= 0;
       if (k >= 0) named += (named.empty() ? "" : ",") + other + "=" + other_ls.class_names[k];
     }
     const bool had = j.contains("names_class_of");
@@ -468,13 +475,30 @@ std::vector<ResultRow> rescore_file(const PredFile& f, const RescoreOptions& opt
       j["verdict_judge"] = verdict_name(jk);
       bump(judge, jk);
     }
+    for (size_t si = 0; si < own.size(); ++si) {
+      const auto& sc = opts.scorers[si];
+      if (!applies(sc, ds)) continue;
+      const auto& names = ls->second.class_names;
+      const ScorerResult r = sc.fn(ScorerInput{ds, names, label, output, ls->second});
+      if (r.predicted < -1 || r.predicted >= static_cast<int64_t>(names.size()))
+        throw Error(fmt::format("[rescore] {}: scorer '{}' predicted class {}, outside [-1, {})", where, sc.name,
+                                r.predicted, names.size()));
+      const std::string vk = "verdict_" + sc.name, pk = "pred_" + sc.name;
+      if (!j.contains(vk) || j[vk] != verdict_name(r.kind) || !j.contains(pk) || j[pk] != r.predicted)
+        file_changed = true;
+      j[vk] = verdict_name(r.kind);
+      j[pk] = r.predicted;
+      bump(own[si], r.kind);
+    }
     ++sum.predictions;
     rewritten += j.dump() + "\n";
   }
   if (file_changed) write_file_atomic(f.path.string(), rewritten);
   std::vector<ResultRow> rows;
   if (strict.n == 0) return rows;
-  for (auto* r : {&strict, &judge}) {
+  std::vector<std::pair<ResultRow*, std::string>> all = {{&strict, "strict"}, {&judge, "judge"}};
+  for (size_t si = 0; si < own.size(); ++si) all.emplace_back(&own[si], opts.scorers[si].name);
+  for (auto& [r, scorer] : all) {
     if (r->n == 0) continue;
     r->kind = "mllm";
     r->finetune_dataset = cell.finetune_dataset;
@@ -482,7 +506,7 @@ std::vector<ResultRow> rescore_file(const PredFile& f, const RescoreOptions& opt
     r->seed = cell.seed;
     r->epoch = f.epoch;
     r->eval_dataset = f.dataset;
-    r->scorer = r == &strict ? "strict" : "judge";
+    r->scorer = scorer;
     r->accuracy = static_cast<double>(r->n_correct) / static_cast<double>(r->n);
     std::tie(r->ci_low, r->ci_high) = wilson_interval(r->n_correct, r->n);
     r->run = run_name;
@@ -531,6 +555,12 @@ void rewrite_results(const std::string& run_dir, std::map<std::string, ResultRow
 }  // namespace
 
 RescoreSummary rescore_run(const std::string& run_dir, const RescoreOptions& opts) {
+  std::set<std::string> taken = {"strict", "judge", "likelihood", "clip"};
+  for (const auto& sc : opts.scorers) {
+    if (!sc.fn) throw ConfigError("[rescore] scorer '" + sc.name + "': no scorer function");
+    if (sc.name.empty() || !taken.insert(sc.name).second)
+      throw ConfigError("[rescore] scorer '" + sc.name + "': the name is empty, built in or given twice");
+  }
   RescoreSummary sum;
   std::map<std::string, ResultRow> fresh;  // key -> recomputed row
   std::vector<std::string> order;

@@ -1,6 +1,7 @@
 // Scoring: normalisation, label sets, the strict verdict on a table of realistic answers (the EMT paper's failure
 // kinds among them), likelihood ranking, the external judge protocol and `emt eval --rescore`.
 #include <emt/core/error.h>
+#include <emt/eval/evaluator.h>
 #include <emt/eval/metrics.h>
 #include <emt/eval/scoring.h>
 #include <sys/stat.h>
@@ -351,6 +352,52 @@ TEST_CASE("rescore_run counts the answer drift toward every other dataset", "[sc
   CHECK_THROWS_AS(emt::parse_result_line(j.dump(), "x:1"), emt::FormatError);
   j["n_naming"] = 3;
   CHECK_THROWS_AS(emt::parse_result_line(j.dump(), "x:1"), emt::FormatError);
+}
+
+TEST_CASE("rescore_run runs scorers of one's own again: verdicts, predictions and rows", "[scoring]") {
+  std::string dir = make_rescore_run("rescore-own");
+  emt::RescoreOptions opts;
+  opts.label_sets["toy3"] = emt::make_label_set({"cat", "dog", "bird"});
+  // "mentions": correct when the true class's name occurs anywhere in the answer; predicts the first name found.
+  auto mentions = [](const emt::ScorerInput& in) {
+    emt::ScorerResult r;
+    for (size_t k = 0; k < in.class_names.size() && r.predicted < 0; ++k)
+      if (in.output.find(in.class_names[k]) != std::string::npos) r.predicted = static_cast<int64_t>(k);
+    r.kind = in.output.find(in.class_names[static_cast<size_t>(in.label)]) != std::string::npos
+                 ? emt::VerdictKind::correct
+                 : emt::VerdictKind::incorrect;
+    return r;
+  };
+  opts.scorers.push_back({"mentions", mentions, {}});
+  opts.scorers.push_back({"elsewhere", mentions, {"other"}});  // applies to no dataset of this run
+  emt::rescore_run(dir, opts);
+  auto loaded = emt::load_results({dir});
+  std::map<std::string, emt::ResultRow> by;
+  for (const auto& r : loaded.rows) by[r.method + "/" + r.scorer] = r;
+  CHECK_FALSE(by.count("base/elsewhere"));
+  REQUIRE(by.count("base/mentions"));
+  // base answers: cat (label cat), dog (dog), cat (bird), "cat, dog, bird" (bird) -> 3 of 4 mention the truth
+  CHECK(by["base/mentions"].n == 4);
+  CHECK(by["base/mentions"].n_correct == 3);
+  CHECK(by["base/strict"].n_correct == 2);
+  REQUIRE(by.count("lora/mentions"));
+  CHECK(by["lora/mentions"].n_correct == 2);  // "a 3" names nothing
+  auto base = emt_test::read_jsonl(dir + "/predictions/base/epoch_0/toy3.jsonl");
+  CHECK(base[2]["verdict_mentions"] == "incorrect");
+  CHECK(base[2]["pred_mentions"] == 0);
+  CHECK(base[3]["verdict_mentions"] == "correct");
+  CHECK_FALSE(base[0].contains("verdict_elsewhere"));
+  // a scorer that reads a class outside the label set is an error naming the file, line and scorer
+  emt::RescoreOptions bad = opts;
+  bad.scorers = {{"wild", [](const emt::ScorerInput&) { return emt::ScorerResult{emt::VerdictKind::correct, 9}; }, {}}};
+  CHECK_THAT(emt_test::error_of<emt::Error>([&] { emt::rescore_run(dir, bad); }),
+             Catch::Contains("toy3.jsonl:1") && Catch::Contains("scorer 'wild'"));
+  bad.scorers = {{"strict", mentions, {}}};
+  CHECK_THROWS_AS(emt::rescore_run(dir, bad), emt::ConfigError);
+  bad.scorers = {{"empty", {}, {}}};
+  CHECK_THROWS_AS(emt::rescore_run(dir, bad), emt::ConfigError);
+  CHECK_THAT(emt_test::error_of<emt::ConfigError>([] { emt::registered_scorer("never-registered"); }),
+             Catch::Contains("'never-registered' is not registered"));
 }
 
 TEST_CASE("rescore_run recomputes verdicts and rewrites strict rows", "[scoring]") {

@@ -27,24 +27,15 @@ class ImageDataset;
 struct BaseModel;
 
 // ---- scorers of your own ------------------------------------------------------------------------------------
-// What a scorer sees for one answer.
-struct ScorerInput {
-  const std::string& dataset;                   // the eval dataset's name
-  const std::vector<std::string>& class_names;  // its class names
-  int64_t label;                                // the image's class index into class_names
-  const std::string& output;                    // the model's answer (cut at stop strings, trimmed)
-  const LabelSet& labels;                       // the strict scorer's label set of this dataset (scoring.h)
-};
-struct ScorerResult {
-  VerdictKind kind = VerdictKind::incorrect;
-  int64_t predicted = -1;  // the class it reads in the answer, -1 for none
-};
-using ScorerFn = std::function<ScorerResult(const ScorerInput&)>;
+// ScorerInput, ScorerResult and ScorerFn: emt/eval/scoring.h.
 // Registers a scorer by name: where eval.scorers (or eval.primary_scorer) names it, the Evaluator calls it for every
 // answer of the eval datasets in `datasets` (empty = all of them), counts its verdicts into result rows like the
 // built-in scorers' and writes verdict_<name> / pred_<name> into the predictions. It runs on the evaluating thread
 // (one answer at a time). ConfigError for a built-in name. Register before loading configs.
 void register_scorer(const std::string& name, ScorerFn fn, std::vector<std::string> datasets = {});
+// A registered scorer as re-scoring takes it (RescoreOptions::scorers in scoring.h): ConfigError naming the
+// registered ones when `name` is not registered.
+RescoreOptions::Scorer registered_scorer(const std::string& name);
 
 // What is evaluated: a multimodal model with what it needs to read prompts and images.
 struct EvalModel {

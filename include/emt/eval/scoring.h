@@ -6,6 +6,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -77,11 +78,34 @@ struct LikelihoodResult {
 };
 LikelihoodResult likelihood_rank(const torch::Tensor& loglik, const torch::Tensor& labels);
 
+// ---- scorers of your own (registered with register_scorer, emt/eval/evaluator.h) -------------------------------
+// What a scorer sees for one answer.
+struct ScorerInput {
+  const std::string& dataset;                   // the eval dataset's name
+  const std::vector<std::string>& class_names;  // its class names
+  int64_t label;                                // the image's class index into class_names
+  const std::string& output;                    // the model's answer (cut at stop strings, trimmed)
+  const LabelSet& labels;                       // the strict scorer's label set of this dataset (above)
+};
+struct ScorerResult {
+  VerdictKind kind = VerdictKind::incorrect;
+  int64_t predicted = -1;  // the class it reads in the answer, -1 for none
+};
+using ScorerFn = std::function<ScorerResult(const ScorerInput&)>;
+
 // ---- re-scoring a run directory from its kept generations ------------------------------------------------------
 
 struct RescoreOptions {
   std::map<std::string, LabelSet> label_sets;  // eval dataset name -> its label set
   std::shared_ptr<Judge> judge;                // null: no judge rows
+  // Scorers of your own to run again over the kept answers (registered_scorer() in evaluator.h gives a registered
+  // one): each rewrites verdict_<name> and pred_<name> and gets rows of scorer <name>, on `datasets` (empty = all).
+  struct Scorer {
+    std::string name;
+    ScorerFn fn;
+    std::vector<std::string> datasets;
+  };
+  std::vector<Scorer> scorers;
 };
 struct RescoreSummary {
   int64_t files = 0;        // predictions/*/epoch_*/*.jsonl read
@@ -93,7 +117,9 @@ struct RescoreSummary {
 // one index has two names or an index below the largest one never occurs.
 std::map<std::string, std::vector<std::string>> class_names_from_predictions(const std::string& run_dir);
 // Re-reads RUN_DIR/predictions/<cell>/epoch_<k>/<eval>.jsonl, recomputes verdict_strict (and verdict_judge with
-// a judge), rewrites each predictions file and results.jsonl (rows of scorer strict, and judge) atomically.
+// a judge, verdict_<name> for each of opts.scorers), rewrites each predictions file and results.jsonl (rows of
+// scorer strict, judge and each of opts.scorers) atomically. ConfigError for a scorer without a function or with
+// a built-in or repeated name.
 // The cell of a file comes from the line's finetune_dataset/method/seed fields when present, else from the
 // directory name (parse_cell_name in metrics.h). Throws FormatError/IoError naming the file and line.
 RescoreSummary rescore_run(const std::string& run_dir, const RescoreOptions& opts);
