@@ -26,11 +26,14 @@ namespace {
 using Rgb = std::array<int, 3>;
 const Rgb kBlack{30, 30, 30}, kAxis{90, 90, 90}, kGrid{225, 225, 225}, kNone{240, 240, 240}, kWhite{255, 255, 255};
 
-// Ten well-separated colours, the usual categorical palette of plotting libraries.
+// Twenty well-separated colours: the usual categorical palette of plotting libraries, then ten darker or
+// stronger hues, so that a study's dozen or more methods (wise-ft@A counts as one each) keep apart.
 Rgb palette(size_t i) {
   static const Rgb p[] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},   {214, 39, 40},  {148, 103, 189},
-                          {140, 86, 75},  {227, 119, 194}, {127, 127, 127}, {188, 189, 34}, {23, 190, 207}};
-  return p[i % 10];
+                          {140, 86, 75},  {227, 119, 194}, {127, 127, 127}, {188, 189, 34}, {23, 190, 207},
+                          {0, 0, 0},      {0, 0, 128},     {128, 128, 0},   {128, 0, 0},    {0, 128, 128},
+                          {255, 200, 0},  {75, 0, 130},    {0, 200, 100},   {250, 128, 114}, {112, 128, 144}};
+  return p[i % 20];
 }
 
 // Viridis at nine evenly spaced points; PLplot's colour map 1 interpolates between them.

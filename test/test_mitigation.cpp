@@ -167,6 +167,17 @@ TEST_CASE("mitigation: the base inside a tuned model gives the base's logits and
   CHECK(emt_test::max_diff(logits(*model, b), tuned) == 0.0);  // exactly the tuned model again
 }
 
+TEST_CASE("mitigation: making a base view draws nothing from the random generator", "[mitigation]") {
+  // wise-ft and lwf hold a base view made after seeding and before LoRA's initialisation: drawing from the
+  // generator there would train them from other initial weights than their plain method from the same seed.
+  auto model = tiny_lora_model();
+  torch::manual_seed(7);
+  const auto expected = torch::rand({8});
+  torch::manual_seed(7);
+  emt::BaseView view(*model);
+  CHECK(emt_test::max_diff(torch::rand({8}), expected) == 0.0);
+}
+
 TEST_CASE("mitigation: lwf adds nothing while the model is the base and pulls back once it moves", "[mitigation]") {
   auto model = tiny_lora_model();
   const emt::Batch b = emt_test::memorise_batch(emt_test::kTinyImageToken);

@@ -3,6 +3,7 @@
 #include <emt/adapters/lora.h>
 #include <emt/core/dataset.h>
 #include <emt/core/error.h>
+#include <emt/core/runtime.h>
 #include <emt/train/finetune.h>
 #include <emt/train/mitigation.h>
 #include <emt/train/pretrain.h>
@@ -72,8 +73,12 @@ torch::Tensor distillation_kl(const torch::Tensor& student, const torch::Tensor&
 
 BaseView::BaseView(LlavaModelImpl& model) : model_(model) {
   torch::NoGradGuard ng;
+  // Making the copy draws a random initialisation (overwritten below); the generators are put back, so a method
+  // that holds a base view (wise-ft, lwf) trains from the same seed exactly as its plain method does.
+  const auto rng = generator_states();
   const auto& src = *model.multi_modal_projector;
   base_projector_ = Projector(src.options);
+  set_generator_states(rng);
   auto theirs = model.multi_modal_projector->named_parameters(true);
   for (auto& p : base_projector_->named_parameters(true)) {
     const auto* t = theirs.find(p.key());
