@@ -255,6 +255,15 @@ TEST_CASE("e2e: mitigation methods in a study: wise-ft at 0 is the base, at 1 th
     CHECK(outputs("quad__wise-ft__seed0/epoch_1/wise-ft@0") == base);
     CHECK(outputs("quad__wise-ft__seed0/epoch_1/wise-ft@1") == lora);
   }
+  {  // and from the same initial weights: the trained tensors are lora's, bit for bit
+    emt::SafetensorsReader lora(w.dir + "/runs/mitig/cells/quad__lora__seed0/epoch_1/trainable.safetensors");
+    emt::SafetensorsReader wise(w.dir + "/runs/mitig/cells/quad__wise-ft__seed0/epoch_1/trainable.safetensors");
+    REQUIRE(lora.names() == wise.names());
+    for (const auto& n : lora.names()) {
+      INFO(n);
+      CHECK(torch::equal(lora.load(n), wise.load(n)));
+    }
+  }
   emt::SafetensorsReader ck(w.dir + "/runs/mitig/cells/quad__ema__seed0/epoch_1/trainable.safetensors");
   int averaged = 0, trained = 0;
   for (const auto& n : ck.names()) (n.rfind("ema/", 0) == 0 ? averaged : trained) += 1;
