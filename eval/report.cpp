@@ -335,7 +335,7 @@ void write_report_json(ReportContext& c, const nlohmann::ordered_json& jacc, con
   c.put("report.json", j.dump(2) + "\n", c.files.tables);
 }
 
-// Every plot as a PNG file -> (caption, png bytes) in order, for report.html.
+// Every figure as PNG, SVG and PDF files; its caption, PNG bytes and file stem in order, for report.html.
 struct Image {
   std::string caption, png, stem;  // stem: the files' path under out_dir without extension
 };
