@@ -97,6 +97,8 @@ double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std
 struct EvalArgs {
   std::string model = "configs/models/tiny.yaml";
   int threads = 2, batch = 16, prompt = 40, new_tokens = 16, repeats = 5, images = 64;
+  std::string device = "cpu";
+  bool no_evaluator = false;
   std::vector<std::string> overrides;
 };
 
@@ -109,9 +111,12 @@ void bench_eval(const EvalArgs& a) {
   RunConfig cfg = load_config(a.model, a.overrides);
   cfg.run.threads = a.threads;
   apply_run_section(cfg.run);
+  const torch::Device dev = resolve_device(a.device);
+  const torch::ScalarType dtype = parse_dtype(cfg.run.dtype);
   const int64_t vocab = cfg.model.llm.vocab_size, image_token = vocab - 1;
   torch::manual_seed(0);
   LlavaModel model = build_llava(cfg.model, image_token);
+  model->to(dev, dtype);
   model->eval();
   const auto& vo = model->options.vision;
   auto ids = torch::randint(4, vocab - 1, {a.batch, a.prompt}, torch::kLong);
@@ -119,6 +124,10 @@ void bench_eval(const EvalArgs& a) {
   ids.select(1, 1).fill_(image_token);
   auto mask = torch::ones_like(ids);
   auto images = torch::randn({a.batch, vo.num_channels, vo.image_size, vo.image_size});
+  ids = ids.to(dev);
+  mask = mask.to(dev);
+  images = images.to(dev, dtype);
+  reset_device_peak(dev);
   GenerateOptions opt;
   opt.max_new_tokens = a.new_tokens;
   auto time_gen = [&](bool cache, bool one_at_a_time) {
@@ -139,17 +148,27 @@ void bench_eval(const EvalArgs& a) {
     return median(t);
   };
   const int64_t seq = a.prompt - 1 + model->options.num_image_tokens();
-  fmt::print("emt bench eval: {} (random weights), batch {}, prompt {} tokens ({} of them image tokens), {} new "
-             "tokens, {} threads, median of {} after a warm-up\n\n",
-             a.model, a.batch, seq, model->options.num_image_tokens(), a.new_tokens, a.threads, a.repeats);
+  fmt::print("emt bench eval: {} (random weights, {}), on {}, batch {}, prompt {} tokens ({} of them image tokens), "
+             "{} new tokens, {} threads, median of {} after a warm-up\n\n",
+             a.model, cfg.run.dtype, dev.str(), a.batch, seq, model->options.num_image_tokens(), a.new_tokens,
+             a.threads, a.repeats);
   const double cached = time_gen(true, false), recompute = time_gen(false, false), rows = time_gen(true, true);
   const double tokens = static_cast<double>(a.batch) * a.new_tokens;
-  fmt::print("{:<44} {:>10} {:>10} {:>12}\n", "generation", "ms", "tokens/s", "time/cache");
-  fmt::print("{:<44} {:>10.1f} {:>10.1f} {:>12}\n", "KV cache, whole batch", cached, tokens / cached * 1e3, "1.00x");
-  fmt::print("{:<44} {:>10.1f} {:>10.1f} {:>11.2f}x\n", "recompute every step, whole batch", recompute,
-             tokens / recompute * 1e3, recompute / cached);
-  fmt::print("{:<44} {:>10.1f} {:>10.1f} {:>11.2f}x\n", "KV cache, one row at a time", rows, tokens / rows * 1e3,
-             rows / cached);
+  fmt::print("{:<44} {:>10} {:>10} {:>10} {:>12}\n", "generation", "ms", "samples/s", "tokens/s", "time/cache");
+  auto gen_row = [&](const std::string& what, double ms, const std::string& ratio) {
+    fmt::print("{:<44} {:>10.1f} {:>10.2f} {:>10.1f} {:>12}\n", what, ms, a.batch / ms * 1e3, tokens / ms * 1e3, ratio);
+  };
+  gen_row("KV cache, whole batch", cached, "1.00x");
+  gen_row("recompute every step, whole batch", recompute, fmt::format("{:.2f}x", recompute / cached));
+  gen_row("KV cache, one row at a time (batch 1)", rows, fmt::format("{:.2f}x", rows / cached));
+  if (dev.is_cuda() && built_with_cuda_stats())
+    fmt::print("peak GPU memory (CUDA allocator): {:.0f} MiB\n", device_peak_allocated_mb(dev));
+  if (a.no_evaluator) return;
+  if (!built_with_opencv()) {
+    fmt::print("\n(the evaluator rows are left out: they score shapes10, which this build cannot draw without "
+               "OpenCV)\n");
+    return;
+  }
 
   // The evaluator end to end: a SentencePiece tokenizer trained on shapes10's prompts, random weights.
   const fs::path dir = fs::temp_directory_path() / fmt::format("emt-bench-eval-{}", ::getpid());
@@ -181,6 +200,7 @@ void bench_eval(const EvalArgs& a) {
   torch::manual_seed(0);
   EvalModel em;
   em.model = build_llava(m, image_id);
+  em.model->to(dev, dtype);
   em.tokenizer = tok;
   em.image = image_options_for_size(m.vision.image_size);
   em.conversation = "plain";
@@ -391,6 +411,8 @@ void add_tables(CLI::App& bench) {
   eval->add_option("--new-tokens", e->new_tokens, "tokens generated per row")->default_val(e->new_tokens);
   eval->add_option("--repeats", e->repeats, "timed repeats (median)")->default_val(e->repeats);
   eval->add_option("--images", e->images, "shapes10 test images the evaluator scores")->default_val(e->images);
+  eval->add_option("--device", e->device, "cpu, cuda, cuda:N or auto")->default_val(e->device);
+  eval->add_flag("--no-evaluator", e->no_evaluator, "the generation table only");
   eval->add_option("overrides", e->overrides, "config overrides key=value");
   eval->callback([e] { bench_eval(*e); });
 

@@ -87,9 +87,9 @@ double step_flops(const LlavaOptions& o, const std::string& method, int64_t lora
   return vision + 2.0 * proj + llm;
 }
 
-// Matmul FLOP/s of this machine at the threads in use (median of repeats, n x n x n).
-double matmul_peak(torch::ScalarType dtype, int64_t n = 1024) {
-  auto a = torch::randn({n, n}).to(dtype), bm = torch::randn({n, n}).to(dtype);
+// Matmul FLOP/s of this machine (at the threads in use) or of a CUDA device: median of repeats, n x n x n.
+double matmul_peak(torch::ScalarType dtype, const torch::Device& dev = torch::kCPU, int64_t n = 1024) {
+  auto a = torch::randn({n, n}).to(dev, dtype), bm = torch::randn({n, n}).to(dev, dtype);
   std::vector<double> s;
   for (int i = 0; i < 8; ++i) {
     auto t0 = Clock::now();
@@ -107,6 +107,8 @@ struct Args {
   std::string script = "scripts/bench/train_ref.py";
   int batch = 32, text_tokens = 32, answer_tokens = 6, warmup = 3, rounds = 5, steps = 4, threads = 2;
   bool no_reference = false;
+  std::string device = "cpu";
+  double peak_tflops = 0.0;  // > 0: MFU against this peak (e.g. a GPU's datasheet figure) instead of the measured one
   std::vector<std::string> overrides;
 };
 
@@ -121,6 +123,9 @@ void bench_train(const Args& a) {
   RunConfig cfg = load_config(a.model, a.overrides);
   cfg.run.threads = a.threads;
   apply_run_section(cfg.run);
+  const torch::Device dev = resolve_device(a.device);
+  const torch::ScalarType frozen = parse_dtype(cfg.run.dtype);
+  if (!(a.peak_tflops >= 0.0)) throw ConfigError("[bench] --peak-tflops must be positive (0 = measure)");
   const int64_t vocab = cfg.model.llm.vocab_size, image_token = vocab - 1;
   const LlavaOptions lo = llava_options(cfg.model, image_token);
   if (a.warmup < 1 || a.rounds < 1 || a.steps < 1)
@@ -151,17 +156,36 @@ void bench_train(const Args& a) {
   write_raw(dir / "input_ids.i64", batch.input_ids);
   write_raw(dir / "attention_mask.i64", batch.attention_mask);
   write_raw(dir / "labels.i64", batch.labels);
+  if (dev.is_cuda()) {
+    batch.images = batch.images.to(dev);
+    batch.input_ids = batch.input_ids.to(dev);
+    batch.attention_mask = batch.attention_mask.to(dev);
+    batch.labels = batch.labels.to(dev);
+  }
 
-  const double peak32 = matmul_peak(torch::kFloat32), peak16 = matmul_peak(torch::kBFloat16);
+  const int64_t peak_n = dev.is_cuda() ? 8192 : 1024;
+  const double peak32 = matmul_peak(torch::kFloat32, dev, peak_n), peak16 = matmul_peak(torch::kBFloat16, dev, peak_n);
+  // MFU's denominator: the given peak, else the measured fp32 matmul peak, or, when the step computes in bf16, the
+  // higher of the two (some of its work stays fp32; on a CPU without bf16 units bf16 is the slower one).
+  const bool bf16_math = cfg.finetune.precision == "bf16" || frozen == torch::kBFloat16;
+  const double peak = a.peak_tflops > 0 ? a.peak_tflops * 1e12 : (bf16_math ? std::max(peak16, peak32) : peak32);
+  const std::string peak_what = a.peak_tflops > 0 ? fmt::format("the given {:g} TFLOP/s", a.peak_tflops)
+                                : bf16_math ? "the higher of the fp32 and bf16 matmul peaks"
+                                            : "the fp32 matmul peak";
   fmt::print("emt bench train: {} (vision {}x{} px, {} image tokens; decoder width {}, {} layers), batch {}, "
-             "{} tokens per sample ({} supervised), {} threads\n",
+             "{} tokens per sample ({} supervised), on {}, frozen weights {}, precision {}, {} threads\n",
              a.model, lo.vision.image_size, lo.vision.image_size, lo.num_image_tokens(), lo.llm.hidden_size,
-             lo.llm.num_layers, B, t_total, a.answer_tokens, a.threads);
-  fmt::print("matmul peak (1024^3, median): fp32 {:.1f} GFLOP/s, bf16 {:.1f} GFLOP/s; {} rounds of {} steps after "
+             lo.llm.num_layers, B, t_total, a.answer_tokens, dev.str(), cfg.run.dtype, cfg.finetune.precision,
+             a.threads);
+  fmt::print("matmul peak ({}^3, median): fp32 {:.1f} GFLOP/s, bf16 {:.1f} GFLOP/s; {} rounds of {} steps after "
              "{} warm-up steps, sides in turns\n\n",
-             peak32 / 1e9, peak16 / 1e9, a.rounds, a.steps, a.warmup);
-  fmt::print("{:<8} {:<26} {:>9} {:>9} {:>10} {:>9} {:>7} {:>11}\n", "method", "side", "ms/step", "samples/s",
-             "tokens/s", "GFLOP/s", "MFU", "emt/side");
+             peak_n, peak32 / 1e9, peak16 / 1e9, a.rounds, a.steps, a.warmup);
+  if (dev.is_cuda() && !a.pythons.empty()) {
+    fmt::print("  (on CUDA the PyTorch references are left out: they run on the CPU)\n");
+  }
+  std::vector<std::string> pythons = dev.is_cuda() ? std::vector<std::string>{} : a.pythons;
+  fmt::print("{:<8} {:<26} {:>9} {:>9} {:>10} {:>9} {:>7} {:>7} {:>10} {:>11}\n", "method", "side", "ms/step",
+             "samples/s", "tokens/s", "GFLOP/s", "MFU", "4N MFU", "peak MiB", "emt/side");
   for (const auto& method : a.methods)
     if (method != "linear" && method != "lora" && method != "full")
       throw ConfigError("[bench] --methods: '" + method + "' has no reference; each must be linear, lora or full");
@@ -173,7 +197,13 @@ void bench_train(const Args& a) {
     ft.batch_size = a.batch;
     torch::manual_seed(0);
     LlavaModel model = build_llava(cfg.model, image_token);
+    model->to(dev, frozen);  // frozen weights in run.dtype; apply_method keeps every trained tensor fp32
     TrainableSetup setup = apply_method(*model, ft, nullptr);
+    int64_t llm_params = 0;  // N of "4N FLOPs per token": the decoder's non-embedding weights
+    for (const auto& p : model->language_model->named_parameters())
+      if (p.key().find("embed_tokens") == std::string::npos && p.key().find("lm_head") == std::string::npos &&
+          p.key().find("lora_") == std::string::npos)
+        llm_params += p.value().numel();
     int64_t lora_io = 0;  // sum of in + out over the adapted linears of one decoder layer
     for (const auto& name : ft.lora.target_modules) {
       const int64_t d = lo.llm.hidden_size, inter = lo.llm.intermediate_size, kv = lo.llm.num_kv_heads * lo.llm.head_dim();
@@ -209,7 +239,7 @@ void bench_train(const Args& a) {
     write_file_atomic(spec_path.string(), spec.dump(1));
 
     std::vector<std::unique_ptr<Reference>> refs;
-    for (const auto& py : a.pythons) {
+    for (const auto& py : pythons) {
       if (!fs::exists(py)) {
         fmt::print("  (no {}: that reference is left out)\n", py);
         continue;
@@ -223,7 +253,7 @@ void bench_train(const Args& a) {
         if (round > 0) ref_ms[i].insert(ref_ms[i].end(), ms.begin(), ms.end());
       }
     });
-    LlavaObjective objective(model, torch::kCPU);
+    LlavaObjective objective(model, dev);
     TrainableIO io;
     io.get = [&] { return trainable_tensors(*model, setup.prompt_embeddings); };
     io.set = [](const NamedTensors&) {};
@@ -236,19 +266,23 @@ void bench_train(const Args& a) {
     to.progress = false;
     to.handle_signals = false;
     to.log_every_steps = 1 << 30;
-    to.device = torch::kCPU;
+    to.device = dev;
     to.precision = ft.precision;
+    reset_device_peak(dev);
     Trainer trainer(objective, source, setup.groups, io, to);
     trainer.fit();
+    const double peak_mib = dev.is_cuda() ? device_peak_allocated_mb(dev) : host_peak_rss_mb();
 
     const double flops = step_flops(lo, method, ft.lora.r, lora_io, B, t_total, supervised);
     const double emt_ms = median(source.ms);
-    auto row = [&](const std::string& side, double ms, const std::string& ratio) {
+    const double flops_4n = 4.0 * static_cast<double>(llm_params) * B * t_total;
+    auto row = [&](const std::string& side, double ms, const std::string& ratio, double mib) {
       const double s = ms / 1e3;
-      fmt::print("{:<8} {:<26} {:>9.1f} {:>9.1f} {:>10.0f} {:>9.1f} {:>6.1f}% {:>11}\n", method, side, ms, B / s,
-                 B * t_total / s, flops / s / 1e9, 100.0 * flops / s / peak32, ratio);
+      fmt::print("{:<8} {:<26} {:>9.1f} {:>9.1f} {:>10.0f} {:>9.1f} {:>6.1f}% {:>6.1f}% {:>10} {:>11}\n", method, side,
+                 ms, B / s, B * t_total / s, flops / s / 1e9, 100.0 * flops / s / peak, 100.0 * flops_4n / s / peak,
+                 mib >= 0 ? fmt::format("{:.0f}", mib) : std::string("-"), ratio);
     };
-    row(emt_side, emt_ms, "");
+    row(emt_side, emt_ms, "", peak_mib);
     for (size_t i = 0; i < refs.size(); ++i) {
       // the ratio of medians, and the median of the rounds' paired ratios beside it
       std::vector<double> paired;
@@ -258,13 +292,16 @@ void bench_train(const Args& a) {
         paired.push_back(median(e) / median(p));
       }
       row("python " + refs[i]->label(), median(ref_ms[i]),
-          fmt::format("{:.2f}x ({:.2f})", emt_ms / median(ref_ms[i]), median(paired)));
+          fmt::format("{:.2f}x ({:.2f})", emt_ms / median(ref_ms[i]), median(paired)), -1.0);
     }
   }
   fmt::print("\nemt/side: emt's median step time over the side's (below 1 = emt faster); in brackets the median of "
-             "the per-round ratios. MFU against the fp32 matmul peak; model FLOPs count the vision forward, the "
-             "projector's forward and weight gradients, the decoder's forward and input gradients, and the trained "
-             "weights' gradients.\n");
+             "the per-round ratios. MFU against {}; model FLOPs count the vision forward, the projector's forward "
+             "and weight gradients, the decoder's forward and input gradients, and the trained weights' gradients. "
+             "4N MFU counts 4 FLOPs per decoder weight (embeddings and output head left out) per token instead. peak MiB: {}.\n",
+             peak_what, dev.is_cuda() ? (built_with_cuda_stats() ? "the CUDA allocator's peak over the method's steps"
+                                                                 : "unavailable (no CUDA allocator statistics in this build)")
+                                      : "the process's peak RSS so far");
   std::error_code ec;
   fs::remove_all(dir, ec);
 }
@@ -290,6 +327,10 @@ RegisterCommand register_bench([](CLI::App& root) {
   train->add_option("--steps", a->steps, "timed steps per round")->default_val(a->steps);
   train->add_option("--threads", a->threads, "intra-op threads of every side")->default_val(a->threads);
   train->add_flag("--no-reference", a->no_reference, "emt alone (what `emt bench memory` runs in its children)");
+  train->add_option("--device", a->device, "cpu, cuda, cuda:N or auto (references run on the CPU only)")
+      ->default_val(a->device);
+  train->add_option("--peak-tflops", a->peak_tflops, "MFU against this peak instead of the measured matmul peak")
+      ->default_val(a->peak_tflops);
   train->add_option("overrides", a->overrides, "config overrides key=value");
   train->callback([a] {
     if (a->no_reference) a->pythons.clear();

@@ -3,6 +3,9 @@
 #include "core/logging.h"
 #include <emt/train/trainer.h>
 #include <c10/util/Exception.h>
+#include <emt/core/runtime.h>
+#include <fmt/format.h>
+#include <torch/version.h>
 
 #include <cstdio>
 #include <exception>
@@ -23,7 +26,8 @@ std::vector<CommandSetup>& command_registry() {
 int main(int argc, char** argv) {
   using namespace emt::cli;
   CLI::App app{"emt: catastrophic forgetting in multimodal LLMs (EMT protocol)", "emt"};
-  app.set_version_flag("--version", std::string("emt ") + EMT_VERSION);
+  app.set_version_flag("--version", fmt::format("emt {} (LibTorch {}.{}.{}; {})", EMT_VERSION, TORCH_VERSION_MAJOR,
+                                                TORCH_VERSION_MINOR, TORCH_VERSION_PATCH, emt::build_features()));
   app.require_subcommand(1);
   for (auto& setup : command_registry()) setup(app);
   try {

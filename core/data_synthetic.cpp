@@ -7,7 +7,9 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#ifdef EMT_WITH_OPENCV
 #include <opencv2/imgproc.hpp>
+#endif
 
 namespace emt {
 
@@ -33,6 +35,7 @@ struct Rng {
   }
 };
 
+#ifdef EMT_WITH_OPENCV
 std::vector<cv::Point> polygon(const std::vector<cv::Point2d>& unit, double cx, double cy, double r, double rot) {
   std::vector<cv::Point> pts;
   const double c = std::cos(rot), s = std::sin(rot);
@@ -118,6 +121,17 @@ cv::Vec3b hsv_to_rgb(double h, double s, double v) {
   cv::cvtColor(hsv, bgr, cv::COLOR_HSV2RGB);
   return bgr.at<cv::Vec3b>(0, 0);
 }
+#endif
+
+// A build without OpenCV cannot draw the sets; a prepared copy (CIFAR-10 binary files) reads anywhere.
+void require_drawing(const std::string& generator) {
+#ifndef EMT_WITH_OPENCV
+  throw ConfigError(fmt::format(
+      "[data] the synthetic set '{}' is drawn with OpenCV, and this emt was built without it (EMT_WITH_OPENCV=OFF): "
+      "write it with `emt data prepare synthetic` on a build that has OpenCV, copy the folder, and read it with "
+      "format: cifar10", generator));
+#endif
+}
 
 int generator_id(const std::string& g) {
   auto gens = synthetic_generators();
@@ -142,7 +156,9 @@ std::vector<std::string> synthetic_class_names(const std::string& generator) {
 
 std::pair<torch::Tensor, int64_t> synthetic_sample(const std::string& generator, Split split, int64_t index,
                                                    uint64_t seed) {
-  const int gid = generator_id(generator);
+  [[maybe_unused]] const int gid = generator_id(generator);
+  require_drawing(generator);
+#ifdef EMT_WITH_OPENCV
   const int64_t k = gid == 0 ? 10 : 60;
   const int64_t label = index % k;  // balanced by construction
   Rng rng{mix_seed(mix_seed(mix_seed(seed, gid), split == Split::train ? 11 : 23), static_cast<uint64_t>(index))};
@@ -199,6 +215,9 @@ std::pair<torch::Tensor, int64_t> synthetic_sample(const std::string& generator,
       for (int c = 0; c < 3; ++c)
         *d++ = cv::saturate_cast<uint8_t>(small.at<cv::Vec3b>(y, x)[c] + sigma * rng.normal());
   return {t, label};
+#else
+  return {};
+#endif
 }
 
 namespace {
@@ -231,6 +250,7 @@ class SyntheticDataset : public ImageDataset {
 
 std::shared_ptr<ImageDataset> open_synthetic_dataset(const std::string& generator, Split split, uint64_t seed) {
   generator_id(generator);
+  require_drawing(generator);
   return std::make_shared<SyntheticDataset>(generator, split, split == Split::train ? 5000 : 1000, seed);
 }
 

@@ -1,8 +1,9 @@
-// Image decoding (OpenCV), PIL-compatible bicubic resampling and the CLIPImageProcessor pipeline.
+// Image decoding (OpenCV, or stb_image in a build without it), PIL-compatible bicubic resampling and the CLIPImageProcessor pipeline.
 #include <emt/core/error.h>
 #include <emt/core/image.h>
 #include "core/logging.h"
 #include <emt/core/runtime.h>
+#include "core/image_stb.h"
 
 #include <torch/torch.h>
 
@@ -11,9 +12,11 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
+#ifdef EMT_WITH_OPENCV
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
-#include <sstream>
+#endif
 
 namespace emt {
 
@@ -88,6 +91,12 @@ ImageProcessorOptions load_hf_preprocessor_config(const std::string& path) {
 
 namespace {
 
+void check_hwc_uint8(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 3 && t.scalar_type() == torch::kUInt8 && (t.size(2) == 1 || t.size(2) == 3),
+              what, ": expected uint8 [H, W, 1|3], got ", t.scalar_type(), " ", t.sizes());
+}
+
+#ifdef EMT_WITH_OPENCV
 torch::Tensor mat_to_rgb_tensor(const cv::Mat& bgr) {
   cv::Mat rgb;
   cv::cvtColor(bgr, rgb, cv::COLOR_BGR2RGB);
@@ -97,15 +106,12 @@ torch::Tensor mat_to_rgb_tensor(const cv::Mat& bgr) {
                 static_cast<size_t>(rgb.cols) * 3);
   return t;
 }
-
-void check_hwc_uint8(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.dim() == 3 && t.scalar_type() == torch::kUInt8 && (t.size(2) == 1 || t.size(2) == 3),
-              what, ": expected uint8 [H, W, 1|3], got ", t.scalar_type(), " ", t.sizes());
-}
+#endif
 
 }  // namespace
 
 torch::Tensor decode_image_bytes(const std::string& bytes, const std::string& name) {
+#ifdef EMT_WITH_OPENCV
   if (bytes.empty()) throw IoError(fmt::format("[image] {}: file is empty", name));
   cv::Mat buf(1, static_cast<int>(bytes.size()), CV_8UC1, const_cast<char*>(bytes.data()));
   cv::Mat bgr;
@@ -119,6 +125,9 @@ torch::Tensor decode_image_bytes(const std::string& bytes, const std::string& na
     throw IoError(fmt::format("[image] {}: cannot decode image ({} bytes, not a supported image format)", name,
                               bytes.size()));
   return mat_to_rgb_tensor(bgr);
+#else
+  return detail::decode_image_stb(bytes, name);
+#endif
 }
 
 torch::Tensor decode_image_file(const std::string& path) {
@@ -295,6 +304,7 @@ torch::Tensor preprocess_image(const torch::Tensor& hwc_uint8, const ImageProces
 
 std::string encode_png(const torch::Tensor& hwc_uint8) {
   check_hwc_uint8(hwc_uint8, "encode_png");
+#ifdef EMT_WITH_OPENCV
   auto t = hwc_uint8.contiguous();
   const int h = static_cast<int>(t.size(0)), w = static_cast<int>(t.size(1)), c = static_cast<int>(t.size(2));
   cv::Mat m(h, w, c == 1 ? CV_8UC1 : CV_8UC3, t.data_ptr<uint8_t>());
@@ -306,6 +316,9 @@ std::string encode_png(const torch::Tensor& hwc_uint8) {
   std::vector<uchar> buf;
   if (!cv::imencode(".png", out, buf)) throw IoError("[image] PNG encoding failed");
   return std::string(buf.begin(), buf.end());
+#else
+  return detail::encode_png_stb(hwc_uint8);
+#endif
 }
 
 void write_png(const std::string& path, const torch::Tensor& hwc_uint8) {
@@ -318,6 +331,10 @@ namespace emt {
 
 torch::Tensor contact_sheet(const std::vector<torch::Tensor>& images, const std::vector<std::string>& captions,
                             int64_t cell, int64_t columns) {
+#ifndef EMT_WITH_OPENCV
+  throw ConfigError("[image] contact sheets are drawn with OpenCV, and this emt was built without it "
+                    "(EMT_WITH_OPENCV=OFF): draw them with a build that has it");
+#else
   TORCH_CHECK(!images.empty() && images.size() == captions.size(), "contact_sheet: ", images.size(), " images, ",
               captions.size(), " captions");
   TORCH_CHECK(cell >= 16 && columns >= 1, "contact_sheet: cell >= 16 and columns >= 1 required");
@@ -349,6 +366,7 @@ torch::Tensor contact_sheet(const std::vector<torch::Tensor>& images, const std:
   auto out = torch::empty({sheet.rows, sheet.cols, 3}, torch::kUInt8);
   std::memcpy(out.data_ptr<uint8_t>(), sheet.data, static_cast<size_t>(sheet.rows) * sheet.cols * 3);
   return out;
+#endif
 }
 
 }  // namespace emt

@@ -6,7 +6,9 @@
 #include <emt/eval/judge.h>
 #include "core/logging.h"
 #include "core/text.h"
+#ifdef EMT_WITH_CURL
 #include <curl/curl.h>
+#endif
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <poll.h>
@@ -194,6 +196,7 @@ JudgeOptions judge_options(const RunConfig& cfg) {
 
 namespace {
 
+#ifdef EMT_WITH_CURL
 std::once_flag g_curl_once;
 
 size_t append_body(char* data, size_t size, size_t n, void* out) {
@@ -246,6 +249,19 @@ bool retryable(const HttpReply& r) {
   if (r.code != CURLE_OK) return true;  // timeouts, refused or reset connections, DNS
   return r.status == 408 || r.status == 429 || r.status >= 500;
 }
+#else
+constexpr int CURLE_OK = 0;
+struct HttpReply {
+  int code = CURLE_OK;
+  long status = 0;
+  std::string body, error;
+};
+// The Judge refuses an endpoint in this build before anything is asked (see its constructor).
+HttpReply post_json(const std::string&, const std::string&, const std::string&, double) {
+  throw Error("[judge] this emt was built without libcurl (EMT_WITH_CURL=OFF)");
+}
+bool retryable(const HttpReply&) { return false; }
+#endif
 
 }  // namespace
 
@@ -340,6 +356,10 @@ Judge::Judge(JudgeOptions opts) : impl_(std::make_unique<Impl>()) {
       throw ConfigError(fmt::format("[judge] eval.judge_url '{}' must start with http:// or https://", d.o.url));
     if (detail::trim(d.o.model).empty())
       throw ConfigError("[judge] eval.judge_model must name the endpoint's model when eval.judge_url is set");
+#ifndef EMT_WITH_CURL
+    throw ConfigError(fmt::format("[judge] eval.judge_url '{}': this emt was built without libcurl "
+                                  "(EMT_WITH_CURL=OFF), so it has no HTTP judge; use eval.judge_command", d.o.url));
+#endif
   }
   if (!(d.o.timeout_s > 0)) throw ConfigError(fmt::format("[judge] eval.judge_timeout_s must be > 0 (got {})", d.o.timeout_s));
   if (d.o.retries < 0) throw ConfigError(fmt::format("[judge] eval.judge_retries must be >= 0 (got {})", d.o.retries));

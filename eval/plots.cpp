@@ -2,7 +2,9 @@
 #include <emt/core/error.h>
 #include <emt/eval/report.h>
 #include <fmt/format.h>
+#ifdef EMT_WITH_PLOTS
 #include <plplot/plplot.h>
+#endif
 
 #include <torch/torch.h>
 
@@ -17,6 +19,24 @@
 #include <sstream>
 #include <unistd.h>
 
+#ifndef EMT_WITH_PLOTS
+// A build without PLplot (EMT_WITH_PLOTS=OFF): the report leaves its figures out (eval/report.cpp); asking for
+// one is an error.
+namespace emt {
+namespace {
+[[noreturn]] void no_plplot() {
+  throw Error("[report] this emt was built without PLplot (EMT_WITH_PLOTS=OFF), so it draws no figures: run "
+              "`emt report` on a build that has it");
+}
+}  // namespace
+std::string plot_accuracy(const AccuracyTensor&, int64_t, int64_t, PlotFormat) { no_plplot(); }
+std::string plot_drift(const AccuracyTensor&, int64_t, PlotFormat) { no_plplot(); }
+std::string plot_tradeoff(const AccuracyTensor&, int64_t, PlotFormat) { no_plplot(); }
+std::string plot_radar(const AccuracyTensor&, int64_t, PlotFormat) { no_plplot(); }
+std::string plot_heatmap(const AccuracyTensor&, int64_t, PlotFormat) { no_plplot(); }
+std::string plot_verdicts(const AccuracyTensor&, int64_t, int64_t, PlotFormat) { no_plplot(); }
+}  // namespace emt
+#else
 namespace emt {
 
 namespace fs = std::filesystem;
@@ -511,3 +531,4 @@ std::string plot_verdicts(const AccuracyTensor& R, int64_t m, int64_t f, PlotFor
 }
 
 }  // namespace emt
+#endif  // EMT_WITH_PLOTS

@@ -4,6 +4,7 @@
 #include <emt/core/error.h>
 #include <emt/core/runtime.h>
 #include <emt/eval/report.h>
+#include "core/logging.h"
 #include <fmt/format.h>
 
 #include <torch/torch.h>
@@ -343,6 +344,11 @@ struct Image {
 std::vector<Image> write_plots(ReportContext& c) {
   const auto& R = c.R;
   std::vector<Image> images;
+  if (!built_with_plots()) {
+    log_warn("[report] this emt was built without PLplot (EMT_WITH_PLOTS=OFF): {} has tables but no figures",
+             c.out.string());
+    return images;
+  }
   auto plot = [&](const std::string& stem, const std::string& caption,
                   const std::function<std::string(PlotFormat)>& draw) {
     const std::string png = draw(PlotFormat::png);
@@ -397,6 +403,9 @@ class HtmlReport {
     verdicts();
     drift();
     h_ << "</table>\n<h2>Plots</h2>\n";
+    if (!built_with_plots())
+      h_ << "<p>This emt was built without PLplot (EMT_WITH_PLOTS=OFF), so the report has no figures: run "
+            "<code>emt report</code> on a build that has it.</p>\n";
     for (const auto& im : images)
       h_ << "<figure><img alt=\"" << html_escape(im.caption) << "\" src=\"data:image/png;base64,"
          << base64_encode(im.png) << "\"><figcaption>" << html_escape(im.caption) << " (<a href=\""

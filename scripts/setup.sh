@@ -4,7 +4,7 @@ set -euo pipefail
 PKGS=(
   build-essential cmake ninja-build pkg-config git
   libtorch-dev libopenblas0-openmp libgloo-dev          # LibTorch + an optimized BLAS (reference BLAS is ~25x slower)
-  libopencv-dev libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev zlib1g-dev
+  libopencv-dev libstb-dev libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libcli11-dev zlib1g-dev
   libcurl4-openssl-dev libcpp-httplib-dev                # the HTTP judge; its loopback stub server in the tests
   libplplot-dev plplot-driver-cairo                      # the report's figures: PNG, SVG and PDF
   libsentencepiece-dev                                   # loaded through emt's dlopen plug-in only

@@ -4,8 +4,9 @@
 # the interop checks against transformers / peft / safetensors / tokenizers / the real CLIP tokenizer; then the
 # fast tests under AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/, Debug) and each libFuzzer target
 # for EMT_FUZZ_SECONDS (default 20). After the first suite, sweeps run on a real one-node Slurm cluster
-# (scripts/slurm-test.sh). EMT_TEST_SLURM=0, EMT_TEST_TORCH2=0, EMT_TEST_INTEROP=0, EMT_TEST_SANITIZE=0 and
-# EMT_TEST_FUZZ=0 skip a stage (local iteration); CI runs them all.
+# (scripts/slurm-test.sh); after the 2.x suite, scripts/gpu-check.sh --dry-run builds what a GPU machine without
+# Debian packages builds, from gpu-deps/ alone. EMT_TEST_SLURM=0, EMT_TEST_TORCH2=0, EMT_TEST_GPU_CHECK=0,
+# EMT_TEST_INTEROP=0, EMT_TEST_SANITIZE=0 and EMT_TEST_FUZZ=0 skip a stage (local iteration); CI runs them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS; tstage=$SECONDS
@@ -45,6 +46,14 @@ if [ "${EMT_TEST_TORCH2:-1}" = "1" ]; then
   stage_done "tests (LibTorch 2.x)"
 else
   echo "[test] LibTorch 2.x stage skipped (EMT_TEST_TORCH2=0)"
+fi
+if [ "${EMT_TEST_GPU_CHECK:-1}" = "1" ]; then
+  echo "[test] scripts/gpu-check.sh --dry-run: the GPU machine's build from gpu-deps/ and the wheel alone, on the CPU"
+  wait_venv
+  bash scripts/gpu-check.sh --dry-run
+  stage_done "GPU check (dry run)"
+else
+  echo "[test] GPU check dry run skipped (EMT_TEST_GPU_CHECK=0)"
 fi
 if [ "${EMT_TEST_INTEROP:-1}" = "1" ]; then
   echo "[test] interop checks against the real Python libraries"

@@ -32,6 +32,26 @@ TEST_CASE("bench: the train step table has an emt row and a reference row per me
   CHECK(r.output.find("matmul peak") != std::string::npos);
 }
 
+TEST_CASE("bench: train's MFU follows --peak-tflops; 4N MFU and peak memory are printed; bf16 runs", "[bench]") {
+  // A 1 GFLOP/s peak: MFU in percent is then 100 x the achieved GFLOP/s.
+  auto r = emt_test::run_cli(kBench + " --methods lora --no-reference --peak-tflops 0.001 run.dtype=bf16 "
+                                      "finetune.precision=bf16");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  std::smatch m;
+  const std::string out = r.output;
+  REQUIRE(std::regex_search(out, m, std::regex(R"(lora +emt \(LibTorch [0-9.]+\) +([0-9.]+) +([0-9.]+) +([0-9]+) +)"
+                                               R"(([0-9.]+) +([0-9.]+)% +([0-9.]+)% +([0-9]+))")));
+  const double gflops = std::stod(m[4]), mfu = std::stod(m[5]), mfu_4n = std::stod(m[6]), mib = std::stod(m[7]);
+  CHECK(mfu == Approx(100.0 * gflops).epsilon(0.02).margin(0.2));
+  CHECK(mfu_4n > 0.0);
+  CHECK(mib > 0.0);
+  CHECK(out.find("frozen weights bf16, precision bf16") != std::string::npos);
+  CHECK(out.find("the given 0.001 TFLOP/s") != std::string::npos);
+  r = emt_test::run_cli(kBench + " --methods lora --no-reference --device cuda:99");
+  CHECK(r.code != 0);
+}
+
 TEST_CASE("bench: a missing interpreter is left out, a failing reference is an error naming it", "[bench]") {
   auto r = emt_test::run_cli(kBench + " --methods linear --python /nonexistent/python3");
   INFO(r.output);
@@ -112,11 +132,16 @@ TEST_CASE("bench eval: generation and evaluator rows with figures", "[bench]") {
   REQUIRE(r.code == 0);
   const std::string out = r.output;
   for (const std::string row : {"KV cache, whole batch", "recompute every step, whole batch",
-                                "KV cache, one row at a time"}) {
+                                "KV cache, one row at a time \\(batch 1\\)"}) {
+    INFO(row);
     std::smatch m;
-    REQUIRE(std::regex_search(out, m, std::regex(row + R"( +([0-9.]+) +([0-9.]+) +([0-9.]+)x)")));
-    CHECK(std::stod(m[1]) > 0.0);
-    CHECK(std::stod(m[2]) > 0.0);
+    REQUIRE(std::regex_search(out, m, std::regex(row + R"( +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)x)")));
+    const double ms = std::stod(m[1]), samples = std::stod(m[2]), tokens = std::stod(m[3]);
+    CHECK(ms > 0.0);
+    // batch 2 in ms, which is printed to 0.1 ms; 4 new tokens per row
+    CHECK(samples >= 2e3 / (ms + 0.05) * 0.999);
+    CHECK(samples <= 2e3 / std::max(ms - 0.05, 1e-3) * 1.001);
+    CHECK(tokens == Approx(4 * samples).epsilon(0.01).margin(0.1));
   }
   for (const std::string row : {"batch 1, strict", "batch 32, strict"}) {
     std::smatch m;
@@ -126,6 +151,9 @@ TEST_CASE("bench eval: generation and evaluator rows with figures", "[bench]") {
   r = emt_test::run_cli("bench eval --new-tokens 0");
   CHECK(r.code != 0);
   CHECK(r.output.find("--new-tokens") != std::string::npos);
+  r = emt_test::run_cli("bench eval --device tpu");
+  CHECK(r.code != 0);
+  CHECK(r.output.find("tpu") != std::string::npos);
 }
 
 TEST_CASE("bench memory: a peak RSS per method above the program's baseline; bad methods refused first", "[bench]") {

@@ -10,6 +10,11 @@
 #include <torch/torch.h>
 #include <zlib.h>
 
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include "core/image_stb.h"
+
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -472,6 +477,57 @@ TEST_CASE("image helpers: resize sizes, decoding grey PNG to RGB, preprocessor c
   emt::write_file_atomic(dir + "/bad2.json", R"({"image_mean": [1, 2]})");
   CHECK_THROWS_AS(emt::load_hf_preprocessor_config(dir + "/bad2.json"), emt::FormatError);
   CHECK_THROWS_AS(emt::load_hf_preprocessor_config(dir + "/none.json"), emt::IoError);
+}
+
+// The codec of builds without OpenCV (stb_image, scripts/gpu-check.sh's build) against OpenCV's, which decodes
+// in this build: lossless files give the same pixels, JPEG the same within the two IDCTs' rounding.
+TEST_CASE("stb_image decodes what OpenCV decodes: PNG exactly, JPEG within rounding", "[data]") {
+  torch::manual_seed(4);
+  auto y = torch::arange(61, torch::kFloat).view({61, 1, 1}), x = torch::arange(83, torch::kFloat).view({1, 83, 1});
+  auto c = torch::arange(3, torch::kFloat).view({1, 1, 3});
+  auto photo = (128 + 90 * torch::sin(x / (5 + c) + y / 9) + 25 * torch::randn({61, 83, 3})).clamp(0, 255)
+                   .to(torch::kUInt8).contiguous();
+  auto bytes_of = [](const cv::Mat& m, const std::string& ext, std::vector<int> params = {}) {
+    std::vector<uchar> buf;
+    REQUIRE(cv::imencode(ext, m, buf, params));
+    return std::string(buf.begin(), buf.end());
+  };
+  cv::Mat bgr(61, 83, CV_8UC3, photo.data_ptr<uint8_t>());  // channel order is irrelevant here: both decode it
+  cv::Mat grey, bgra, deep;
+  cv::cvtColor(bgr, grey, cv::COLOR_BGR2GRAY);
+  cv::cvtColor(bgr, bgra, cv::COLOR_BGR2BGRA);
+  bgr.convertTo(deep, CV_16UC3, 257.0, 3.0);  // 16-bit samples whose low bytes differ from the high ones
+  const std::vector<std::pair<std::string, std::string>> lossless = {
+      {"png rgb", bytes_of(bgr, ".png")},   {"png grey", bytes_of(grey, ".png")},
+      {"png rgba", bytes_of(bgra, ".png")}, {"png 16-bit", bytes_of(deep, ".png")},
+      {"bmp", bytes_of(bgr, ".bmp")},       {"ppm", bytes_of(bgr, ".ppm")}};
+  for (const auto& [what, bytes] : lossless) {
+    INFO(what);
+    auto a = emt::decode_image_bytes(bytes, what), b = emt::detail::decode_image_stb(bytes, what);
+    REQUIRE(a.sizes() == b.sizes());
+    CHECK(torch::equal(a, b));
+  }
+  for (int quality : {75, 95}) {
+    const std::string bytes = bytes_of(bgr, ".jpg", {cv::IMWRITE_JPEG_QUALITY, quality});
+    auto a = emt::decode_image_bytes(bytes, "jpeg").to(torch::kInt), b = emt::detail::decode_image_stb(bytes, "jpeg").to(torch::kInt);
+    REQUIRE(a.sizes() == b.sizes());
+    const double mean = (a - b).abs().to(torch::kDouble).mean().item<double>();
+    const int64_t worst = (a - b).abs().max().item<int64_t>();
+    INFO("quality " << quality << ": mean |diff| " << mean << ", max " << worst);
+    CHECK(mean < 1.0);
+    CHECK(worst <= 6);
+    // The decoders agree far better than either agrees with the image before compression.
+    CHECK(mean < 0.5 * (a - photo.to(torch::kInt)).abs().to(torch::kDouble).mean().item<double>());
+  }
+  // stb's PNG encoder writes what both decoders read back exactly.
+  const std::string png = emt::detail::encode_png_stb(photo);
+  CHECK(torch::equal(emt::decode_image_bytes(png, "stb png"), photo));
+  CHECK(torch::equal(emt::detail::decode_image_stb(png, "stb png"), photo));
+  // Errors name the input.
+  CHECK_THAT(data_error_of([] { emt::detail::decode_image_stb("not an image at all", "notes.txt"); }),
+             Catch::Contains("notes.txt") && Catch::Contains("stb_image"));
+  CHECK_THROWS_AS(emt::detail::decode_image_stb("", "empty.png"), emt::IoError);
+  CHECK_THROWS_AS(emt::detail::decode_image_stb(png.substr(0, png.size() / 2), "half.png"), emt::IoError);
 }
 
 TEST_CASE("emt data prepare synthetic writes CIFAR-style sets that read back equal", "[data]") {

@@ -53,7 +53,19 @@ double host_peak_rss_mb();
 // core name when OpenBLAS is loaded, else "not OpenBLAS". Training numerics (and the tiny base model) depend on it.
 std::string blas_kernels();
 double device_peak_allocated_mb(const torch::Device& dev);
+// While on, every synchronisation with a CUDA device (a device-to-host copy, .item(), a blocking stream wait) is an
+// error (c10's sync debug mode); false when this build cannot ask for it (no CUDA runtime headers at build time).
+bool cuda_sync_errors(bool on);
+// Starts the peak that device_peak_allocated_mb reports again from what is allocated now (no-op off CUDA).
+void reset_device_peak(const torch::Device& dev);
 bool built_with_cuda_stats();
+// The optional parts this build has (CMake's EMT_WITH_OPENCV, EMT_WITH_PLOTS, EMT_WITH_CURL): OpenCV (image codecs,
+// the synthetic sets, contact sheets; without it stb_image decodes), PLplot (the report's figures), libcurl (the
+// HTTP judge). build_features() lists them, e.g. "OpenCV 4.6.0, PLplot, libcurl, CUDA allocator statistics".
+bool built_with_opencv();
+bool built_with_plots();
+bool built_with_curl();
+std::string build_features();
 
 // States of the default generators, for checkpoints: "cpu" and "cuda:<i>" for every visible CUDA device.
 std::vector<std::pair<std::string, torch::Tensor>> generator_states();
