@@ -88,83 +88,140 @@ void LlavaModelImpl::set_prompt_prefix(torch::Tensor prefix) {
   prompt_prefix_ = std::move(prefix);
 }
 
-SplicedInputs LlavaModelImpl::splice(const torch::Tensor& image_features, const torch::Tensor& input_ids,
-                                     const torch::Tensor& attention_mask, const torch::Tensor& labels) {
-  // image_features: [B, N, D] or undefined, input_ids: [B, T] -> embeds [B, T - 1 + N (+ K), D]
-  TORCH_CHECK(input_ids.dim() == 2, "Llava: input_ids must be [B, T], got ", input_ids.sizes());
-  int64_t b = input_ids.size(0), t = input_ids.size(1);
-  auto dev = input_ids.device();
-  auto lopts = torch::TensorOptions().dtype(torch::kLong).device(dev);
-  auto mask = attention_mask.defined() ? attention_mask.to(lopts) : torch::ones({b, t}, lopts);
-  TORCH_CHECK(mask.sizes() == input_ids.sizes(), "Llava: attention_mask ", mask.sizes(), " != input_ids ",
-              input_ids.sizes());
-  if (labels.defined())
-    TORCH_CHECK(labels.sizes() == input_ids.sizes(), "Llava: labels ", labels.sizes(), " != input_ids ",
-                input_ids.sizes());
-  auto is_img = input_ids.eq(image_token_id);
-  auto counts = is_img.sum(1);
-  auto text = language_model->embed(input_ids.masked_fill(is_img, 0));  // placeholder rows are replaced below
+namespace {
 
-  SplicedInputs out;
-  out.image_starts = torch::full({b}, -1, lopts);
-  if (image_features.defined()) {
-    TORCH_CHECK(image_features.dim() == 3 && image_features.size(0) == b &&
-                    image_features.size(2) == text.size(2),
-                "Llava: image features must be [", b, ", N, ", text.size(2), "], got ", image_features.sizes());
+// What splicing decides, worked out on the host from host copies of input_ids, attention_mask and labels: where
+// each row's image goes, and the spliced mask and labels. Nothing here reads a device tensor, so a caller that
+// passes host tensors (the Trainer's objective does) costs no device-to-host sync for it.
+struct SplicePlan {
+  int64_t n = 0;         // image slots per row (0: no images)
+  torch::Tensor starts;  // [B] int64, host: each row's first image slot before the prompt prefix (-1: no images)
+  int64_t p0 = -1;       // every row's start when they are all the same (one slice of the whole batch), else -1
+  torch::Tensor mask;    // [B, T'] int64, host, prompt prefix included
+  torch::Tensor labels;  // [B, T'] int64, host, or undefined
+};
+
+torch::Tensor host_long(const torch::Tensor& t) { return t.defined() ? t.to(torch::kCPU).to(torch::kLong) : t; }
+
+SplicePlan plan_splice(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& labels,
+                       int64_t image_token_id, int64_t n, int64_t k) {
+  // ids, mask, labels: host [B, T] int64 (labels may be undefined); n: image slots per row (0: no images)
+  const int64_t b = ids.size(0), t = ids.size(1);
+  auto is_img = ids.eq(image_token_id);
+  auto counts = is_img.sum(1);
+  SplicePlan p;
+  p.n = n;
+  p.mask = mask;
+  p.labels = labels;
+  p.starts = torch::full({b}, -1, torch::kLong);
+  if (n > 0) {
     TORCH_CHECK(counts.eq(1).all().item<bool>(), "Llava: every row needs exactly one image token (id ",
                 image_token_id, "); counts per row: ", counts);
-    auto feats = image_features.to(text.scalar_type());
-    if (options.wraps_image()) {  // <im_start> features <im_end>, as the original LLaVA's mm_use_im_start_end
-      auto ids = torch::tensor({options.im_start_id, options.im_end_id}, lopts).view({1, 2});
-      auto se = language_model->embed(ids).to(text.scalar_type()).expand({b, 2, text.size(2)});
-      feats = torch::cat({se.narrow(1, 0, 1), feats, se.narrow(1, 1, 1)}, 1);
-    }
-    int64_t n = feats.size(1);
-    auto starts = is_img.to(torch::kLong).argmax(1);
-    auto starts_cpu = starts.cpu();
-    const int64_t p0 = starts_cpu[0].item<int64_t>();
-    if (starts_cpu.eq(p0).all().item<bool>()) {
-      // Every row's image token at the same position (a right-padded batch of one template): three slices of the
-      // whole batch instead of three per row.
-      auto lbl = labels.defined() ? labels.to(lopts) : torch::Tensor();
-      out.embeds = torch::cat({text.narrow(1, 0, p0), feats, text.narrow(1, p0 + 1, t - p0 - 1)}, 1);
-      out.attention_mask =
-          torch::cat({mask.narrow(1, 0, p0), torch::ones({b, n}, lopts), mask.narrow(1, p0 + 1, t - p0 - 1)}, 1);
+    p.starts = is_img.to(torch::kLong).argmax(1);
+    const int64_t first = p.starts[0].item<int64_t>();
+    if (p.starts.eq(first).all().item<bool>()) {
+      p.p0 = first;
+      p.mask = torch::cat({mask.narrow(1, 0, first), torch::ones({b, n}, torch::kLong),
+                           mask.narrow(1, first + 1, t - first - 1)}, 1);
       if (labels.defined())
-        out.labels = torch::cat(
-            {lbl.narrow(1, 0, p0), torch::full({b, n}, -100, lopts), lbl.narrow(1, p0 + 1, t - p0 - 1)}, 1);
-      out.image_starts = starts;
+        p.labels = torch::cat({labels.narrow(1, 0, first), torch::full({b, n}, -100, torch::kLong),
+                               labels.narrow(1, first + 1, t - first - 1)}, 1);
     } else {
-      std::vector<torch::Tensor> rows, masks, labs;
+      std::vector<torch::Tensor> masks, labs;
+      const auto st = p.starts.accessor<int64_t, 1>();
       for (int64_t i = 0; i < b; ++i) {
-        int64_t p = starts_cpu[i].item<int64_t>();
-        rows.push_back(torch::cat({text[i].narrow(0, 0, p), feats[i], text[i].narrow(0, p + 1, t - p - 1)}, 0));
-        masks.push_back(torch::cat({mask[i].narrow(0, 0, p), torch::ones({n}, lopts), mask[i].narrow(0, p + 1, t - p - 1)}));
-        if (labels.defined()) {
-          auto l = labels[i].to(lopts);
-          labs.push_back(torch::cat({l.narrow(0, 0, p), torch::full({n}, -100, lopts), l.narrow(0, p + 1, t - p - 1)}));
-        }
+        const int64_t q = st[i];
+        masks.push_back(torch::cat({mask[i].narrow(0, 0, q), torch::ones({n}, torch::kLong), mask[i].narrow(0, q + 1, t - q - 1)}));
+        if (labels.defined())
+          labs.push_back(torch::cat({labels[i].narrow(0, 0, q), torch::full({n}, -100, torch::kLong),
+                                     labels[i].narrow(0, q + 1, t - q - 1)}));
       }
-      out.embeds = torch::stack(rows);
-      out.attention_mask = torch::stack(masks);
-      if (labels.defined()) out.labels = torch::stack(labs);
-      out.image_starts = starts;
+      p.mask = torch::stack(masks);
+      if (labels.defined()) p.labels = torch::stack(labs);
     }
   } else {
     TORCH_CHECK(counts.eq(0).all().item<bool>(), "Llava: input_ids hold image tokens (id ", image_token_id,
                 ") but no images were given");
-    out.embeds = text;
-    out.attention_mask = mask;
-    if (labels.defined()) out.labels = labels.to(lopts);
+  }
+  if (k > 0) {
+    p.mask = torch::cat({torch::ones({b, k}, torch::kLong), p.mask}, 1);
+    if (p.labels.defined()) p.labels = torch::cat({torch::full({b, k}, -100, torch::kLong), p.labels}, 1);
+  }
+  return p;
+}
+
+}  // namespace
+
+torch::Tensor LlavaModelImpl::wrap_image_features(const torch::Tensor& image_features) {
+  // image_features: [B, N, D] -> [B, N (+2 with <im_start>/<im_end>), D] in the decoder's dtype
+  auto emb = language_model->model->embed_tokens->weight;
+  auto feats = image_features.to(emb.scalar_type());
+  if (!options.wraps_image()) return feats;
+  // <im_start> features <im_end>, as the original LLaVA's mm_use_im_start_end
+  const int64_t b = feats.size(0);
+  auto ids = torch::tensor({options.im_start_id, options.im_end_id}, torch::TensorOptions().dtype(torch::kLong))
+                 .view({1, 2}).to(emb.device());
+  auto se = language_model->embed(ids).to(feats.scalar_type()).expand({b, 2, feats.size(2)});
+  return torch::cat({se.narrow(1, 0, 1), feats, se.narrow(1, 1, 1)}, 1);
+}
+
+torch::Tensor LlavaModelImpl::splice_embeds(const torch::Tensor& text, const torch::Tensor& feats,
+                                            const torch::Tensor& starts, int64_t p0) {
+  // text: [B, T, D] (image token rows are placeholders), feats: [B, n, D] wrapped or undefined,
+  // starts: [B] host int64 -> [B, T - 1 + n (+ K), D]
+  torch::Tensor e = text;
+  if (feats.defined()) {
+    const int64_t b = text.size(0), t = text.size(1);
+    if (p0 >= 0) {
+      // Every row's image token at the same position (a right-padded batch of one template): three slices of the
+      // whole batch instead of three per row.
+      e = torch::cat({text.narrow(1, 0, p0), feats, text.narrow(1, p0 + 1, t - p0 - 1)}, 1);
+    } else {
+      std::vector<torch::Tensor> rows;
+      const auto st = starts.accessor<int64_t, 1>();
+      for (int64_t i = 0; i < b; ++i)
+        rows.push_back(torch::cat({text[i].narrow(0, 0, st[i]), feats[i], text[i].narrow(0, st[i] + 1, t - st[i] - 1)}, 0));
+      e = torch::stack(rows);
+    }
   }
   if (prompt_prefix_.defined()) {
-    int64_t k = prompt_prefix_.size(0);
-    auto prefix = prompt_prefix_.to(out.embeds.scalar_type()).unsqueeze(0).expand({b, k, prompt_prefix_.size(1)});
-    out.embeds = torch::cat({prefix, out.embeds}, 1);
-    out.attention_mask = torch::cat({torch::ones({b, k}, lopts), out.attention_mask}, 1);
-    if (out.labels.defined()) out.labels = torch::cat({torch::full({b, k}, -100, lopts), out.labels}, 1);
-    if (image_features.defined()) out.image_starts = out.image_starts + k;
+    auto prefix = prompt_prefix_.to(e.scalar_type()).unsqueeze(0).expand({e.size(0), prompt_prefix_.size(0), prompt_prefix_.size(1)});
+    e = torch::cat({prefix, e}, 1);
   }
+  return e;
+}
+
+SplicedInputs LlavaModelImpl::splice(const torch::Tensor& image_features, const torch::Tensor& input_ids,
+                                     const torch::Tensor& attention_mask, const torch::Tensor& labels) {
+  // image_features: [B, N, D] or undefined, input_ids: [B, T] -> embeds [B, T - 1 + N (+ K), D]
+  TORCH_CHECK(input_ids.dim() == 2, "Llava: input_ids must be [B, T], got ", input_ids.sizes());
+  const int64_t b = input_ids.size(0), t = input_ids.size(1);
+  const auto dev = input_ids.device();
+  if (attention_mask.defined())
+    TORCH_CHECK(attention_mask.sizes() == input_ids.sizes(), "Llava: attention_mask ", attention_mask.sizes(),
+                " != input_ids ", input_ids.sizes());
+  if (labels.defined())
+    TORCH_CHECK(labels.sizes() == input_ids.sizes(), "Llava: labels ", labels.sizes(), " != input_ids ",
+                input_ids.sizes());
+  torch::Tensor feats;
+  if (image_features.defined()) {
+    TORCH_CHECK(image_features.dim() == 3 && image_features.size(0) == b &&
+                    image_features.size(2) == options.llm.hidden_size,
+                "Llava: image features must be [", b, ", N, ", options.llm.hidden_size, "], got ",
+                image_features.sizes());
+    feats = wrap_image_features(image_features);
+  }
+  // One host copy of the ids (none when they are on the host already): positions are decided there.
+  const auto ids_h = host_long(input_ids);
+  const auto mask_h = attention_mask.defined() ? host_long(attention_mask) : torch::ones({b, t}, torch::kLong);
+  const int64_t k = prompt_prefix_.defined() ? prompt_prefix_.size(0) : 0;
+  SplicePlan plan = plan_splice(ids_h, mask_h, host_long(labels), image_token_id, feats.defined() ? feats.size(1) : 0, k);
+  auto text = language_model->embed(input_ids.masked_fill(input_ids.eq(image_token_id), 0));  // placeholders replaced
+  SplicedInputs out;
+  out.embeds = splice_embeds(text, feats, plan.starts, plan.p0);
+  out.attention_mask = plan.mask.to(dev);
+  if (plan.labels.defined()) out.labels = plan.labels.to(dev);
+  out.image_starts = (feats.defined() ? plan.starts + k : plan.starts).to(dev);
   return out;
 }
 
@@ -188,16 +245,37 @@ torch::Tensor LlavaModelImpl::loss(const torch::Tensor& images, const torch::Ten
                                    const torch::Tensor& attention_mask, const torch::Tensor& labels) {
   // -> scalar, equal to causal_lm_loss(forward(...).logits, labels)
   TORCH_CHECK(input_ids.dim() == 2 && labels.defined(), "Llava::loss: input_ids [B, T] and labels are required");
-  auto feats = images.defined() ? encode_images(images) : torch::Tensor();
-  auto in = splice(feats, input_ids, attention_mask, labels);
-  auto hidden = language_model->model->forward(in.embeds, in.attention_mask);  // [B, T', D]
-  const int64_t t = hidden.size(1);
-  auto h = hidden.narrow(1, 0, t - 1).reshape({-1, hidden.size(2)});
-  auto lb = in.labels.narrow(1, 1, t - 1).reshape({-1}).to(torch::kLong).to(hidden.device());
-  auto at = lb.ne(-100).nonzero().squeeze(1);
+  TORCH_CHECK(labels.sizes() == input_ids.sizes(), "Llava: labels ", labels.sizes(), " != input_ids ",
+              input_ids.sizes());
+  if (attention_mask.defined())
+    TORCH_CHECK(attention_mask.sizes() == input_ids.sizes(), "Llava: attention_mask ", attention_mask.sizes(),
+                " != input_ids ", input_ids.sizes());
+  const int64_t b = input_ids.size(0), t = input_ids.size(1);
+  const auto dev = language_model->model->embed_tokens->weight.device();
+  // First everything the host decides (from host copies: none are made when the inputs live on the host), then
+  // every copy to the device, then the device work, so that the step's only device-to-host sync is the
+  // Trainer's own.
+  const int64_t k = prompt_prefix_.defined() ? prompt_prefix_.size(0) : 0;
+  const auto mask_h = attention_mask.defined() ? host_long(attention_mask) : torch::ones({b, t}, torch::kLong);
+  SplicePlan plan = plan_splice(host_long(input_ids), mask_h, host_long(labels), image_token_id,
+                                images.defined() ? options.num_image_tokens() : 0, k);
+  const int64_t tt = plan.mask.size(1);
+  auto lb = plan.labels.narrow(1, 1, tt - 1).reshape({-1});
+  auto at = lb.ne(-100).nonzero().squeeze(1);  // scored positions of the shifted sequence
+  auto targets = lb.index_select(0, at);
+  const bool nb = dev.is_cuda();  // host -> device copies queued, not waited for
+  auto ids = input_ids.to(dev, nb), mask = plan.mask.to(dev, nb), at_d = at.to(dev, nb), tgt = targets.to(dev, nb);
+  torch::Tensor feats;
+  if (images.defined()) {
+    feats = wrap_image_features(encode_images(images.to(dev, nb)));
+    TORCH_CHECK(feats.size(1) == plan.n, "Llava: ", feats.size(1), " image embeddings per row, expected ", plan.n);
+  }
+  auto text = language_model->embed(ids.masked_fill(ids.eq(image_token_id), 0));
+  auto hidden = language_model->model->forward(splice_embeds(text, feats, plan.starts, plan.p0), mask);  // [B, T', D]
   if (at.numel() == 0) return hidden.sum() * 0.0;  // nothing to score: zero, not NaN
-  auto logits = language_model->logits(h.index_select(0, at)).to(torch::kFloat32);
-  return torch::nn::functional::cross_entropy(logits, lb.index_select(0, at));
+  auto h = hidden.narrow(1, 0, tt - 1).reshape({-1, hidden.size(2)});
+  auto logits = language_model->logits(h.index_select(0, at_d)).to(torch::kFloat32);
+  return torch::nn::functional::cross_entropy(logits, tgt);
 }
 
 torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels) {
@@ -208,9 +286,11 @@ torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& l
   int64_t t = logits.size(1);
   auto lg = logits.narrow(1, 0, t - 1).reshape({-1, logits.size(2)}).to(torch::kFloat32);
   auto lb = labels.narrow(1, 1, t - 1).reshape({-1}).to(torch::kLong).to(logits.device());
-  if (lb.ne(-100).sum().item<int64_t>() == 0) return lg.sum() * 0.0;  // nothing to score: zero, not NaN
-  return torch::nn::functional::cross_entropy(
-      lg, lb, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+  // The mean over scored positions as sum / count, without reading the count on the host (a device sync): zero,
+  // not NaN, when nothing is scored.
+  auto total = torch::nn::functional::cross_entropy(
+      lg, lb, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+  return total / lb.ne(-100).sum().clamp_min(1).to(total.scalar_type());
 }
 
 torch::Tensor answer_logprobs(const torch::Tensor& logits, const torch::Tensor& labels) {

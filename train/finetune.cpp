@@ -86,20 +86,21 @@ int64_t processed_tokens(const Batch& b, const LlavaOptions& o) {
 
 StepLoss LlavaObjective::loss(const Batch& batch) {
   StepLoss s;
-  const auto images = batch.images.to(device_), ids = batch.input_ids.to(device_),
-             mask = batch.attention_mask.to(device_), labels = batch.labels.to(device_);
   if (teacher_) {
+    const auto images = batch.images.to(device_), ids = batch.input_ids.to(device_),
+               mask = batch.attention_mask.to(device_), labels = batch.labels.to(device_);
     LlavaOutput out = model_->forward(images, ids, mask, labels);
     const torch::Tensor base = teacher_->base_logits(images, ids, mask);
     s.loss = out.loss + kd_weight_ * distillation_kl(out.logits, base, out.labels, kd_temperature_).to(out.loss.scalar_type());
   } else {
-    s.loss = model_->loss(images, ids, mask, labels);
+    // The batch as it comes (on the host from the loader): the model decides positions there and copies to its
+    // device itself, so the loss costs no device-to-host sync.
+    s.loss = model_->loss(batch.images, batch.input_ids, batch.attention_mask, batch.labels);
   }
   int64_t replayed = 0;
   if (replay_) {
     const Batch r = replay_(batch.epoch * replay_per_epoch_ + batch.number);
-    const torch::Tensor lr = model_->loss(r.images.to(device_), r.input_ids.to(device_),
-                                          r.attention_mask.to(device_), r.labels.to(device_));
+    const torch::Tensor lr = model_->loss(r.images, r.input_ids, r.attention_mask, r.labels);
     s.loss = (1.0 - replay_ratio_) * s.loss + replay_ratio_ * lr.to(s.loss.scalar_type());
     replayed = processed_tokens(r, model_->options);
   }

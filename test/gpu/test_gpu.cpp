@@ -113,6 +113,41 @@ TEST_CASE("gpu: bf16 and fp16 steps lower the loss with fp32 trained tensors; me
   }
 }
 
+TEST_CASE("gpu: the training loss and its backward make no device sync (host batch, bf16 LoRA)", "[gpu]") {
+  if (!emt::cuda_sync_errors(false)) {
+    WARN("this build has no CUDA runtime headers, so c10's sync debug mode is out of reach: not checked");
+    return;
+  }
+  auto model = tiny_llava(7);
+  model->to(kGpu, torch::kBFloat16);
+  auto setup = emt::apply_method(*model, lora(0.0));
+  emt::LlavaObjective obj(model, kGpu);
+  const auto batch = emt_test::memorise_batch(emt_test::kTinyImageToken);  // on the host, as the loader gives it
+  obj.loss(batch).loss.backward();  // warm-up: the CUDA context, cuBLAS handles, the allocator's first blocks
+  for (auto& p : model->parameters()) p.mutable_grad() = torch::Tensor();
+  std::string error;
+  emt::cuda_sync_errors(true);
+  try {
+    auto s = obj.loss(batch);
+    s.loss.backward();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  emt::cuda_sync_errors(false);
+  INFO(error);
+  CHECK(error.empty());
+  // The control: the same mode does catch a sync (reading one value back), so the check above can fail.
+  emt::cuda_sync_errors(true);
+  bool caught = false;
+  try {
+    (void)torch::ones({1}, torch::TensorOptions().device(kGpu)).sum().item<float>();
+  } catch (const std::exception&) {
+    caught = true;
+  }
+  emt::cuda_sync_errors(false);
+  CHECK(caught);
+}
+
 TEST_CASE("gpu: KV-cache generation equals recompute", "[gpu]") {
   auto model = tiny_llava(7);
   model->to(kGpu);

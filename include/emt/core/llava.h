@@ -65,6 +65,12 @@ struct LlavaModelImpl : torch::nn::Module {
   // Prompt tuning: K learned embeddings [K, D_llm] (owned by the caller) prepended to every sequence with mask 1
   // and labels -100, as PEFT PROMPT_TUNING does. Undefined removes it.
   void set_prompt_prefix(torch::Tensor prefix);
+  // image_features -> the decoder's dtype, wrapped in <im_start>/<im_end> embeddings when the model wraps images.
+  torch::Tensor wrap_image_features(const torch::Tensor& image_features);
+  // text embeddings [B, T, D] with each row's image token replaced by feats [B, n, D] at `starts` (host [B]; p0 >= 0:
+  // every row starts there), the prompt prefix prepended.
+  torch::Tensor splice_embeds(const torch::Tensor& text, const torch::Tensor& feats, const torch::Tensor& starts,
+                              int64_t p0);
   const torch::Tensor& prompt_prefix() const { return prompt_prefix_; }
 
   LlavaOptions options;
