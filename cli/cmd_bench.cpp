@@ -10,6 +10,7 @@
 #include <emt/train/finetune.h>
 #include <emt/train/trainer.h>
 #include <sys/wait.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 #include <unistd.h>
@@ -20,6 +21,7 @@
 #include <filesystem>
 #include <fmt/core.h>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -78,8 +80,10 @@ double step_flops(const LlavaOptions& o, const std::string& method, int64_t lora
   const double proj = 2.0 * b * n_img * (o.projector.type == "mlp2x_gelu" ? dv * d + d * d : dv * d);
   const auto& l = o.llm;
   const double hd = static_cast<double>(l.head_dim()), inter = static_cast<double>(l.intermediate_size);
-  const double lin = 2.0 * b * t_total * (d * (l.num_heads + 2 * l.num_kv_heads) * hd + l.num_heads * hd * d + 3 * d * inter);
-  const double att = 4.0 * b * static_cast<double>(t_total) * t_total * d;
+  const double layers = static_cast<double>(l.num_layers);
+  const double lin =
+      layers * 2.0 * b * t_total * (d * (l.num_heads + 2 * l.num_kv_heads) * hd + l.num_heads * hd * d + 3 * d * inter);
+  const double att = layers * 4.0 * b * static_cast<double>(t_total) * t_total * d;
   const double head = 2.0 * supervised * d * l.vocab_size;
   double llm = (lin + att + head) * 2.0;   // forward + input gradients
   if (method == "full") llm += lin + head;  // weight gradients
@@ -100,6 +104,60 @@ double matmul_peak(torch::ScalarType dtype, const torch::Device& dev = torch::kC
   return 2.0 * n * n * n / median(s);
 }
 
+// One op's share of a profiled stretch: self time (its own, children's time taken out), calls.
+struct OpTime {
+  std::string name;
+  double self_us = 0.0;
+  int64_t calls = 0;
+};
+
+// The LibTorch profiler's trace (Chrome trace events, "X" phases with ts and dur in microseconds) -> self time per
+// op name, largest first, and the wall time the events span. Nesting is per thread: an event's children are the
+// events that start and end inside it.
+std::vector<OpTime> self_times(const std::string& trace, double* span_us) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(trace);
+  } catch (const std::exception& e) {
+    throw Error(std::string("[bench] the profiler's trace is not JSON: ") + e.what());
+  }
+  struct Ev {
+    double ts, dur;
+    std::string name;
+  };
+  std::map<std::string, std::vector<Ev>> by_thread;
+  double lo = 1e300, hi = -1e300;
+  for (const auto& e : j) {
+    if (!e.is_object() || e.value("ph", "") != "X" || !e.contains("ts") || !e.contains("dur")) continue;
+    const double ts = e.at("ts").get<double>(), dur = e.at("dur").get<double>();
+    by_thread[e.contains("tid") ? e.at("tid").dump() : "0"].push_back({ts, dur, e.value("name", "?")});
+    lo = std::min(lo, ts);
+    hi = std::max(hi, ts + dur);
+  }
+  std::map<std::string, OpTime> agg;
+  for (auto& [tid, evs] : by_thread) {
+    std::sort(evs.begin(), evs.end(), [](const Ev& a, const Ev& b) { return a.ts < b.ts || (a.ts == b.ts && a.dur > b.dur); });
+    std::vector<std::pair<double, size_t>> open;  // (end, index) of the enclosing events
+    std::vector<double> child(evs.size(), 0.0);
+    for (size_t i = 0; i < evs.size(); ++i) {
+      while (!open.empty() && open.back().first <= evs[i].ts) open.pop_back();
+      if (!open.empty()) child[open.back().second] += evs[i].dur;
+      open.push_back({evs[i].ts + evs[i].dur, i});
+    }
+    for (size_t i = 0; i < evs.size(); ++i) {
+      OpTime& o = agg[evs[i].name];
+      o.name = evs[i].name;
+      o.self_us += std::max(0.0, evs[i].dur - child[i]);
+      o.calls += 1;
+    }
+  }
+  std::vector<OpTime> out;
+  for (auto& [name, o] : agg) out.push_back(o);
+  std::sort(out.begin(), out.end(), [](const OpTime& a, const OpTime& b) { return a.self_us > b.self_us; });
+  if (span_us) *span_us = hi > lo ? hi - lo : 0.0;
+  return out;
+}
+
 struct Args {
   std::string model = "configs/models/tiny.yaml";
   std::vector<std::string> methods = {"linear", "lora", "full"};
@@ -109,6 +167,8 @@ struct Args {
   bool no_reference = false;
   std::string device = "cpu";
   double peak_tflops = 0.0;  // > 0: MFU against this peak (e.g. a GPU's datasheet figure) instead of the measured one
+  std::string profile;       // a folder: one more round of emt's steps under the LibTorch profiler, per method
+  int profile_top = 15;
   std::vector<std::string> overrides;
 };
 
@@ -191,6 +251,7 @@ void bench_train(const Args& a) {
       throw ConfigError("[bench] --methods: '" + method + "' has no reference; each must be linear, lora or full");
   const std::string emt_side = fmt::format("emt (LibTorch {}.{}.{})", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
                                            TORCH_VERSION_PATCH);
+  std::vector<std::pair<std::string, std::string>> profile_rows;  // (method, trace)
   for (const auto& method : a.methods) {
     FinetuneSection ft = cfg.finetune;
     ft.method = method;
@@ -247,11 +308,18 @@ void bench_train(const Args& a) {
       refs.push_back(std::make_unique<Reference>(py, a.script, spec_path.string()));
     }
     std::vector<std::vector<double>> ref_ms(refs.size());
-    TimedSource source(batch, a.warmup, a.rounds, a.steps, [&](int round) {
+    // With --profile, one more round of emt's steps after the timed ones runs under the profiler (not timed).
+    const bool profiling = !a.profile.empty();
+    std::ostringstream trace;
+    std::unique_ptr<torch::autograd::profiler::RecordProfile> recording;
+    TimedSource source(batch, a.warmup, a.rounds + (profiling ? 1 : 0), a.steps, [&](int round) {
+      if (round == a.rounds + 1) recording.reset();  // the profiled round is over: the trace is written
+      if (round > a.rounds) return;
       for (size_t i = 0; i < refs.size(); ++i) {
         auto ms = refs[i]->run(round == 0 ? a.warmup : a.steps);
         if (round > 0) ref_ms[i].insert(ref_ms[i].end(), ms.begin(), ms.end());
       }
+      if (profiling && round == a.rounds) recording = std::make_unique<torch::autograd::profiler::RecordProfile>(trace);
     });
     LlavaObjective objective(model, dev);
     TrainableIO io;
@@ -272,6 +340,8 @@ void bench_train(const Args& a) {
     Trainer trainer(objective, source, setup.groups, io, to);
     trainer.fit();
     const double peak_mib = dev.is_cuda() ? device_peak_allocated_mb(dev) : host_peak_rss_mb();
+    recording.reset();
+    if (profiling) source.ms.resize(static_cast<size_t>(a.rounds) * a.steps);  // the profiled round is not timed
 
     const double flops = step_flops(lo, method, ft.lora.r, lora_io, B, t_total, supervised);
     const double emt_ms = median(source.ms);
@@ -283,6 +353,7 @@ void bench_train(const Args& a) {
                  mib >= 0 ? fmt::format("{:.0f}", mib) : std::string("-"), ratio);
     };
     row(emt_side, emt_ms, "", peak_mib);
+    if (profiling) profile_rows.push_back({method, trace.str()});
     for (size_t i = 0; i < refs.size(); ++i) {
       // the ratio of medians, and the median of the rounds' paired ratios beside it
       std::vector<double> paired;
@@ -302,6 +373,25 @@ void bench_train(const Args& a) {
              peak_what, dev.is_cuda() ? (built_with_cuda_stats() ? "the CUDA allocator's peak over the method's steps"
                                                                  : "unavailable (no CUDA allocator statistics in this build)")
                                       : "the process's peak RSS so far");
+  if (!profile_rows.empty()) {
+    fs::create_directories(a.profile);
+    for (const auto& [method, text] : profile_rows) {
+      const std::string path = (fs::path(a.profile) / ("profile_" + method + ".json")).string();
+      write_file_atomic(path, text);
+      double span = 0.0;
+      const auto ops = self_times(text, &span);
+      double total = 0.0;
+      for (const auto& o : ops) total += o.self_us;
+      fmt::print("\nprofile of {} ({} steps after the timed rounds, LibTorch profiler; trace: {}): {:.1f} ms per "
+                 "step in ops, {:.1f} ms per step wall\n",
+                 method, a.steps, path, total / 1e3 / a.steps, span / 1e3 / a.steps);
+      fmt::print("{:<44} {:>12} {:>8} {:>12}\n", "op (self time: its children taken out)", "ms per step", "share",
+                 "calls/step");
+      for (size_t i = 0; i < ops.size() && static_cast<int>(i) < a.profile_top; ++i)
+        fmt::print("{:<44} {:>12.2f} {:>7.1f}% {:>12.1f}\n", ops[i].name.substr(0, 44), ops[i].self_us / 1e3 / a.steps,
+                   total > 0 ? 100.0 * ops[i].self_us / total : 0.0, static_cast<double>(ops[i].calls) / a.steps);
+    }
+  }
   std::error_code ec;
   fs::remove_all(dir, ec);
 }
@@ -331,6 +421,10 @@ RegisterCommand register_bench([](CLI::App& root) {
       ->default_val(a->device);
   train->add_option("--peak-tflops", a->peak_tflops, "MFU against this peak instead of the measured matmul peak")
       ->default_val(a->peak_tflops);
+  train->add_option("--profile", a->profile,
+                    "a folder: one more round of emt's steps per method under the LibTorch profiler; prints the ops "
+                    "by self time and writes profile_<method>.json (Chrome trace)");
+  train->add_option("--profile-top", a->profile_top, "ops listed per profile")->default_val(a->profile_top);
   train->add_option("overrides", a->overrides, "config overrides key=value");
   train->callback([a] {
     if (a->no_reference) a->pythons.clear();

@@ -2,6 +2,7 @@
 // every row carries figures; a broken reference is an error that names it. Speed itself is never asserted here.
 #include <catch2/catch.hpp>
 
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <sstream>
 
@@ -45,11 +46,46 @@ TEST_CASE("bench: train's MFU follows --peak-tflops; 4N MFU and peak memory are 
   const double gflops = std::stod(m[4]), mfu = std::stod(m[5]), mfu_4n = std::stod(m[6]), mib = std::stod(m[7]);
   CHECK(mfu == Approx(100.0 * gflops).epsilon(0.02).margin(0.2));
   CHECK(mfu_4n > 0.0);
+  // The model's FLOP count holds the decoder's forward and input gradients (4N per token) and more besides.
+  CHECK(mfu >= mfu_4n - 0.1);
   CHECK(mib > 0.0);
   CHECK(out.find("frozen weights bf16, precision bf16") != std::string::npos);
   CHECK(out.find("the given 0.001 TFLOP/s") != std::string::npos);
   r = emt_test::run_cli(kBench + " --methods lora --no-reference --device cuda:99");
   CHECK(r.code != 0);
+}
+
+TEST_CASE("bench: train --profile lists the ops by self time and writes a Chrome trace per method", "[bench]") {
+  const std::string dir = emt_test::scratch_dir("bench-profile");
+  auto r = emt_test::run_cli(kBench + " --methods linear --no-reference --profile " + dir + " --profile-top 8");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  const std::string out = r.output;
+  std::smatch head;
+  REQUIRE(std::regex_search(out, head, std::regex(R"(profile of linear \(1 steps .*: ([0-9.]+) ms per step in ops, ([0-9.]+) ms per step wall)")));
+  const double in_ops = std::stod(head[1]), wall = std::stod(head[2]);
+  CHECK(in_ops > 0.0);
+  CHECK(in_ops <= wall * 1.05);  // self times do not count nested time twice
+  // The rows: op, ms per step, share; the shares of the listed ops add up to at most 100%, largest first.
+  std::regex row(R"(\n(aten::[a-z_0-9]+) +([0-9.]+) +([0-9.]+)% +([0-9.]+))");
+  double shares = 0.0, last = 1e30;
+  int rows = 0;
+  bool mm = false;
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), row); it != std::sregex_iterator(); ++it) {
+    const double ms = std::stod((*it)[2]);
+    CHECK(ms <= last + 1e-9);
+    last = ms;
+    shares += std::stod((*it)[3]);
+    mm = mm || (*it)[1] == "aten::mm";
+    ++rows;
+  }
+  CHECK(rows >= 4);
+  CHECK(rows <= 8);
+  CHECK(shares <= 100.5);
+  CHECK(mm);  // the step's matrix products
+  const auto trace = nlohmann::json::parse(emt_test::slurp(dir + "/profile_linear.json"));
+  REQUIRE(trace.is_array());
+  CHECK(trace.size() > 50);
 }
 
 TEST_CASE("bench: a missing interpreter is left out, a failing reference is an error naming it", "[bench]") {
@@ -151,7 +187,7 @@ TEST_CASE("bench eval: generation and evaluator rows with figures", "[bench]") {
   r = emt_test::run_cli("bench eval --new-tokens 0");
   CHECK(r.code != 0);
   CHECK(r.output.find("--new-tokens") != std::string::npos);
-  r = emt_test::run_cli("bench eval --device tpu");
+  r = emt_test::run_cli(std::string("bench eval --model ") + EMT_SOURCE_DIR + "/configs/models/tiny.yaml --device tpu");
   CHECK(r.code != 0);
   CHECK(r.output.find("tpu") != std::string::npos);
 }
