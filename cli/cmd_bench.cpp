@@ -216,12 +216,7 @@ void bench_train(const Args& a) {
   write_raw(dir / "input_ids.i64", batch.input_ids);
   write_raw(dir / "attention_mask.i64", batch.attention_mask);
   write_raw(dir / "labels.i64", batch.labels);
-  if (dev.is_cuda()) {
-    batch.images = batch.images.to(dev);
-    batch.input_ids = batch.input_ids.to(dev);
-    batch.attention_mask = batch.attention_mask.to(dev);
-    batch.labels = batch.labels.to(dev);
-  }
+  // The batch stays on the host, as the data loader gives it: the loss copies it to the device each step.
 
   const int64_t peak_n = dev.is_cuda() ? 8192 : 1024;
   const double peak32 = matmul_peak(torch::kFloat32, dev, peak_n), peak16 = matmul_peak(torch::kBFloat16, dev, peak_n);
