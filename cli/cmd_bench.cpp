@@ -136,7 +136,8 @@ std::vector<OpTime> self_times(const std::string& trace, double* span_us) {
   }
   std::map<std::string, OpTime> agg;
   for (auto& [tid, evs] : by_thread) {
-    std::sort(evs.begin(), evs.end(), [](const Ev& a, const Ev& b) { return a.ts < b.ts || (a.ts == b.ts && a.dur > b.dur); });
+    std::sort(evs.begin(), evs.end(),
+              [](const Ev& a, const Ev& b) { return a.ts < b.ts || (a.ts == b.ts && a.dur > b.dur); });
     std::vector<std::pair<double, size_t>> open;  // (end, index) of the enclosing events
     std::vector<double> child(evs.size(), 0.0);
     for (size_t i = 0; i < evs.size(); ++i) {

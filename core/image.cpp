@@ -1,4 +1,5 @@
-// Image decoding (OpenCV, or stb_image in a build without it), PIL-compatible bicubic resampling and the CLIPImageProcessor pipeline.
+// Image decoding (OpenCV, or stb_image in a build without it), PIL-compatible bicubic resampling and the
+// CLIPImageProcessor pipeline.
 #include <emt/core/error.h>
 #include <emt/core/image.h>
 #include "core/logging.h"

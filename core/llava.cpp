@@ -131,7 +131,8 @@ SplicePlan plan_splice(const torch::Tensor& ids, const torch::Tensor& mask, cons
       const auto st = p.starts.accessor<int64_t, 1>();
       for (int64_t i = 0; i < b; ++i) {
         const int64_t q = st[i];
-        masks.push_back(torch::cat({mask[i].narrow(0, 0, q), torch::ones({n}, torch::kLong), mask[i].narrow(0, q + 1, t - q - 1)}));
+        masks.push_back(torch::cat(
+            {mask[i].narrow(0, 0, q), torch::ones({n}, torch::kLong), mask[i].narrow(0, q + 1, t - q - 1)}));
         if (labels.defined())
           labs.push_back(torch::cat({labels[i].narrow(0, 0, q), torch::full({n}, -100, torch::kLong),
                                      labels[i].narrow(0, q + 1, t - q - 1)}));
@@ -180,12 +181,14 @@ torch::Tensor LlavaModelImpl::splice_embeds(const torch::Tensor& text, const tor
       std::vector<torch::Tensor> rows;
       const auto st = starts.accessor<int64_t, 1>();
       for (int64_t i = 0; i < b; ++i)
-        rows.push_back(torch::cat({text[i].narrow(0, 0, st[i]), feats[i], text[i].narrow(0, st[i] + 1, t - st[i] - 1)}, 0));
+        rows.push_back(
+            torch::cat({text[i].narrow(0, 0, st[i]), feats[i], text[i].narrow(0, st[i] + 1, t - st[i] - 1)}, 0));
       e = torch::stack(rows);
     }
   }
   if (prompt_prefix_.defined()) {
-    auto prefix = prompt_prefix_.to(e.scalar_type()).unsqueeze(0).expand({e.size(0), prompt_prefix_.size(0), prompt_prefix_.size(1)});
+    auto prefix = prompt_prefix_.to(e.scalar_type()).unsqueeze(0).expand(
+        {e.size(0), prompt_prefix_.size(0), prompt_prefix_.size(1)});
     e = torch::cat({prefix, e}, 1);
   }
   return e;
@@ -215,7 +218,8 @@ SplicedInputs LlavaModelImpl::splice(const torch::Tensor& image_features, const 
   const auto ids_h = host_long(input_ids);
   const auto mask_h = attention_mask.defined() ? host_long(attention_mask) : torch::ones({b, t}, torch::kLong);
   const int64_t k = prompt_prefix_.defined() ? prompt_prefix_.size(0) : 0;
-  SplicePlan plan = plan_splice(ids_h, mask_h, host_long(labels), image_token_id, feats.defined() ? feats.size(1) : 0, k);
+  SplicePlan plan =
+      plan_splice(ids_h, mask_h, host_long(labels), image_token_id, feats.defined() ? feats.size(1) : 0, k);
   auto text = language_model->embed(input_ids.masked_fill(input_ids.eq(image_token_id), 0));  // placeholders replaced
   SplicedInputs out;
   out.embeds = splice_embeds(text, feats, plan.starts, plan.p0);
