@@ -158,12 +158,11 @@ torch::Tensor LlavaModelImpl::wrap_image_features(const torch::Tensor& image_fea
   auto emb = language_model->model->embed_tokens->weight;
   auto feats = image_features.to(emb.scalar_type());
   if (!options.wraps_image()) return feats;
-  // <im_start> features <im_end>, as the original LLaVA's mm_use_im_start_end
-  const int64_t b = feats.size(0);
-  auto ids = torch::tensor({options.im_start_id, options.im_end_id}, torch::TensorOptions().dtype(torch::kLong))
-                 .view({1, 2}).to(emb.device());
-  auto se = language_model->embed(ids).to(feats.scalar_type()).expand({b, 2, feats.size(2)});
-  return torch::cat({se.narrow(1, 0, 1), feats, se.narrow(1, 1, 1)}, 1);
+  // <im_start> features <im_end>, as the original LLaVA's mm_use_im_start_end. The two rows are read straight from
+  // the embedding table (an embedding lookup of them, without an index tensor to copy to the device mid-step).
+  const int64_t b = feats.size(0), d = feats.size(2);
+  auto row = [&](int64_t id) { return emb.narrow(0, id, 1).to(feats.scalar_type()).unsqueeze(0).expand({b, 1, d}); };
+  return torch::cat({row(options.im_start_id), feats, row(options.im_end_id)}, 1);
 }
 
 torch::Tensor LlavaModelImpl::splice_embeds(const torch::Tensor& text, const torch::Tensor& feats,
