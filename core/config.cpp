@@ -610,6 +610,8 @@ void check_pretrain(const RunConfig& c, Checker& ck) {
   ck.positive("pretrain.learning_rate", pt.learning_rate);
   ck.positive("pretrain.tokenizer_vocab", pt.tokenizer_vocab);
   ck.non_negative("pretrain.train_max_samples", pt.train_max_samples);
+  ck.non_negative("pretrain.instruct_max_samples", pt.instruct_max_samples);
+  ck.one_of("pretrain.contrast", pt.contrast, {"disjoint_labels", "own_dataset"});
 }
 
 void check(const RunConfig& c, Problems& p) {

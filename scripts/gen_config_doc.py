@@ -17,7 +17,9 @@ for m in re.finditer(r"struct (\w+) \{(.*?)\n\};", text, re.S):
     for d in re.finditer(r"^\s+([\w:<>, ]+?)\s+(\w+)(?:\s*=\s*([^;]*))?;", body, re.M):
         typ, field, default = d.group(1).strip(), d.group(2), (d.group(3) or "").strip()
         members[field] = (typ, default)
-    fields = re.findall(r'v\("(\w+)",\s*(\w+),\s*"((?:[^"\\]|\\.)*)"\);', body)
+    # the doc may be adjacent string literals over several lines ("..." "...")
+    fields = [(f, var, "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', doc)))
+              for f, var, doc in re.findall(r'v\("(\w+)",\s*(\w+),\s*((?:"(?:[^"\\]|\\.)*"\s*)+)\);', body)]
     structs[name] = (members, fields)
 
 

@@ -289,7 +289,7 @@ TEST_CASE("no pretraining text contains a study prompt or answer (built-in datas
 TEST_CASE("pretrain: the recipe text holds what shapes the base model and nothing else", "[pretrain]") {
   const emt::RunConfig cfg = emt::load_config_string("data: {datasets: {d: {format: idx, path: d}}}\n");
   const std::string recipe = emt::pretrain_recipe(cfg);
-  CHECK_THAT(recipe, Catch::Contains("recipe_version: 4") && Catch::Contains("clip_steps") &&
+  CHECK_THAT(recipe, Catch::Contains("recipe_version: 5") && Catch::Contains("clip_steps") &&
                          Catch::Contains("hidden_size") && Catch::Contains("question"));
   CHECK_THAT(recipe, !Catch::Contains("mitigation") && !Catch::Contains("learning_rate_by_method") &&
                          !Catch::Contains("cache_dir") && !Catch::Contains("max_new_tokens"));
@@ -301,7 +301,9 @@ TEST_CASE("pretrain: the recipe text holds what shapes the base model and nothin
     CHECK(emt::pretrain_recipe(emt::load_config_string("data: {datasets: {d: {format: idx, path: d}}}\n", {o})) == recipe);
   }
   // what shapes the model does not
-  for (const char* o : {"pretrain.clip_steps=7", "model.llm.num_layers=1", "run.seed=3", "run.dtype=bf16",
+  for (const char* o : {"pretrain.clip_steps=7", "pretrain.instruct_max_samples=9", "pretrain.contrast=disjoint_labels",
+                        "model.llm.num_layers=1",
+                        "run.seed=3", "run.dtype=bf16",
                         "finetune.question=What?", "data.datasets.d.path=e"}) {
     INFO(o);
     CHECK(emt::pretrain_recipe(emt::load_config_string("data: {datasets: {d: {format: idx, path: d}}}\n", {o})) != recipe);
@@ -321,3 +323,52 @@ TEST_CASE("pretrain: the BLAS kernels a base is built with are named, with OPENB
   if (unset.rfind("OpenBLAS ", 0) == 0) CHECK(unset.size() > std::string("OpenBLAS  (OPENBLAS_CORETYPE unset)").size());
   else CHECK_THAT(unset, Catch::StartsWith("not OpenBLAS"));
 }
+
+namespace emt {
+
+TEST_CASE("pretrain: the contrastive stage contrasts datasets whose labels share no word", "[pretrain]") {
+  const std::vector<std::vector<std::string>> names = {
+      {"0", "1", "2"}, {"T-shirt/top", "Trouser"}, {"circle", "square"}, {"red circle", "blue square"}, {"Shirt"}};
+  const auto c = contrasted_datasets(names);
+  REQUIRE(c.size() == 5);
+  for (size_t k = 0; k < 5; ++k) CHECK(c[k][k]);
+  CHECK(c[0][1]);   // digits against clothes
+  CHECK(c[1][2]);   // clothes against shapes
+  CHECK(!c[2][3]);  // "circle" is true of a red circle: never competes
+  CHECK(!c[3][2]);
+  CHECK(!c[1][4]);  // "T-shirt/top" and "Shirt" share "shirt" (case and punctuation aside)
+  CHECK(c[0][3]);
+  // pretrain.contrast names the objective; a typo is refused with the allowed values
+  CHECK_NOTHROW(load_config_string("pretrain: {contrast: own_dataset}\n"));
+  try {
+    load_config_string("pretrain: {contrast: own-dataset}\n");
+    FAIL("a bad pretrain.contrast was accepted");
+  } catch (const ConfigError& e) {
+    CHECK_THAT(e.what(), Catch::Contains("pretrain.contrast") && Catch::Contains("disjoint_labels, own_dataset"));
+  }
+}
+
+TEST_CASE("pretrain: the language stages see pretrain.instruct_max_samples images, drawn from the contrastive pool",
+          "[pretrain]") {
+  const std::string dir = emt_test::scratch_dir("pretrain_pool");
+  RunConfig cfg = world_config(dir);
+  const auto all = pretrain_sources(cfg);
+  for (const auto& s : all) CHECK(s.language == s.train);  // 0 = all of them
+  cfg.pretrain.instruct_max_samples = 20;
+  const auto srcs = pretrain_sources(cfg);
+  for (const auto& s : srcs) {
+    INFO(s.name);
+    CHECK(s.train->size() == std::min<int64_t>(60, all[&s - &srcs[0]].train->size()));
+    REQUIRE(s.language->size() == 20);
+    CHECK(s.language->class_names() == s.train->class_names());
+    std::set<std::string> pool;
+    for (int64_t i = 0; i < s.train->size(); ++i) pool.insert(s.train->source(i));
+    for (int64_t i = 0; i < s.language->size(); ++i) CHECK(pool.count(s.language->source(i)) == 1);
+  }
+  const auto sets = pretrain_language_sets(cfg, srcs, false);
+  for (const auto& set : sets) CHECK(set->size() == 20);
+  cfg.pretrain.instruct_max_samples = -1;
+  CHECK_THROWS_AS(validate_config(cfg), ConfigError);
+}
+
+}  // namespace emt

@@ -69,6 +69,29 @@ std::string MixtureDataset::source(int64_t i) const {
   return parts_[k]->name() + ": " + parts_[k]->source(j);
 }
 
+std::vector<std::vector<bool>> contrasted_datasets(const std::vector<std::vector<std::string>>& class_names) {
+  const size_t n = class_names.size();
+  std::vector<std::set<std::string>> words(n);
+  for (size_t k = 0; k < n; ++k)
+    for (const auto& c : class_names[k]) {
+      std::string w;
+      for (char ch : c + " ") {
+        if (std::isalnum(static_cast<unsigned char>(ch))) {
+          w += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+        } else if (!w.empty()) {
+          words[k].insert(w);
+          w.clear();
+        }
+      }
+    }
+  std::vector<std::vector<bool>> out(n, std::vector<bool>(n, true));
+  for (size_t a = 0; a < n; ++a)
+    for (size_t b = 0; b < n; ++b)
+      if (a != b)
+        for (const auto& w : words[a]) out[a][b] = out[a][b] && words[b].count(w) == 0;
+  return out;
+}
+
 // ---- objectives ----------------------------------------------------------------------------------------------
 
 namespace {
@@ -78,16 +101,19 @@ std::string lowercase(std::string s) {
   return s;
 }
 
-// Contrastive image-text loss against the caption of every class of the image's own dataset: each image must pick
-// its class caption among its dataset's captions (CLIP's loss with the batch's captions replaced by that label
-// space, as zero-shot classification asks it). Same-class images in a batch are never false negatives, and
-// datasets whose label spaces overlap (shapes10 "circle", objects60 "red circle") never compete.
+// Contrastive image-text loss: each image must pick its class caption among the captions of its own dataset and
+// of every dataset whose labels could not also describe it (contrasted_datasets; CLIP's loss with the batch's
+// captions replaced by that label space). A digit competes with "a photo of a Shirt", so the tower tells the
+// datasets apart as a web-trained CLIP does; same-class images in a batch are never false negatives, and datasets
+// whose label spaces overlap (shapes10 "circle", objects60 "red circle") never compete.
 class ClipObjective : public Objective {
  public:
-  // caption_group: [C] the dataset index of every caption (class) of the mixture.
-  ClipObjective(ClipModel clip, torch::Tensor caption_ids, torch::Tensor caption_mask, torch::Tensor caption_group,
-                torch::Device dev)
-      : clip_(std::move(clip)), ids_(caption_ids.to(dev)), mask_(caption_mask.to(dev)), group_(caption_group.to(dev)),
+  // caption_dataset: [C] the dataset index of every caption (class) of the mixture; contrasted: [D, D] bool.
+  ClipObjective(ClipModel clip, torch::Tensor caption_ids, torch::Tensor caption_mask, torch::Tensor caption_dataset,
+                torch::Tensor contrasted, torch::Device dev)
+      : clip_(std::move(clip)), ids_(caption_ids.to(dev)), mask_(caption_mask.to(dev)),
+        // [C, C]: true where the caption of column j may compete for an image of the class of row i
+        competes_(contrasted.index_select(0, caption_dataset).index_select(1, caption_dataset).to(dev)),
         dev_(dev) {}
   StepLoss loss(const Batch& batch) override {
     auto img = torch::nn::functional::normalize(clip_->image_features(batch.images.to(dev_)),
@@ -96,15 +122,14 @@ class ClipObjective : public Objective {
                                                 torch::nn::functional::NormalizeFuncOptions().dim(-1));
     auto logits = clip_->logit_scale.exp().clamp_max(100.0) * img.matmul(txt.t());
     auto target = torch::tensor(batch.class_ids, torch::kLong).to(dev_);
-    auto other = group_.unsqueeze(0).ne(group_.index_select(0, target).unsqueeze(1));
-    logits = logits.masked_fill(other, -1e4);
+    logits = logits.masked_fill(competes_.index_select(0, target).logical_not(), -1e4);
     return {torch::nn::functional::cross_entropy(logits, target), batch.size(), batch.size()};
   }
   void set_train(bool on) override { clip_->train(on); }
 
  private:
   ClipModel clip_;
-  torch::Tensor ids_, mask_, group_;
+  torch::Tensor ids_, mask_, competes_;
   torch::Device dev_;
 };
 
@@ -226,7 +251,7 @@ std::string pretrain_recipe(const RunConfig& cfg) {
   // leaves every cached base valid.
   const YAML::Node all = YAML::Load(config_to_yaml(r));
   YAML::Node keep(YAML::NodeType::Map);
-  keep["recipe_version"] = 4;
+  keep["recipe_version"] = 5;
   keep["run"]["seed"] = all["run"]["seed"];
   keep["run"]["dtype"] = all["run"]["dtype"];
   keep["model"] = all["model"];
@@ -257,6 +282,13 @@ std::vector<PretrainSource> pretrain_sources(const RunConfig& cfg) {
     s.train = subset(full, choose_subset(*full, cfg.pretrain.train_max_samples, true, seed));
     s.train->set_name(n);
     s.train->set_class_names(full->class_names());
+    s.language = s.train;
+    if (cfg.pretrain.instruct_max_samples > 0 && cfg.pretrain.instruct_max_samples < s.train->size()) {
+      s.language = subset(s.train, choose_subset(*s.train, cfg.pretrain.instruct_max_samples, true,
+                                                 mix_seed(seed, 0x4C4C4D)));
+      s.language->set_name(n);
+      s.language->set_class_names(full->class_names());
+    }
     s.digits = is_digit_dataset(it->second, full->class_names());
     out.push_back(std::move(s));
   }
@@ -305,7 +337,7 @@ std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfi
     }
   };
   std::vector<InstructionDataset> plain;  // without copy questions
-  for (size_t k = 0; k < srcs.size(); ++k) plain.emplace_back(srcs[k].train, options_for(k));
+  for (size_t k = 0; k < srcs.size(); ++k) plain.emplace_back(srcs[k].language, options_for(k));
   if (!captions_only) {
     for (const auto& f : forbidden) add_words(f);
     for (size_t k = 0; k < srcs.size(); ++k) {
@@ -421,14 +453,23 @@ LoaderOptions language_loader_options(const RunConfig& cfg, const ImageProcessor
 void stage_clip(const RunConfig& cfg, TinyModels& m, const std::vector<PretrainSource>& srcs,
                 const std::shared_ptr<Tokenizer>& tok, const ImageProcessorOptions& image, torch::Device dev) {
   std::vector<std::shared_ptr<ImageDataset>> parts;
-  std::vector<int64_t> group;
-  for (size_t k = 0; k < srcs.size(); ++k) {
-    parts.push_back(srcs[k].train);
-    group.insert(group.end(), srcs[k].train->class_names().size(), static_cast<int64_t>(k));
+  std::vector<std::vector<std::string>> names;
+  for (const auto& s : srcs) {
+    parts.push_back(s.train);
+    names.push_back(s.train->class_names());
   }
+  std::vector<int64_t> dataset_of;
+  for (size_t k = 0; k < srcs.size(); ++k) dataset_of.insert(dataset_of.end(), names[k].size(), static_cast<int64_t>(k));
+  auto contrasted = contrasted_datasets(names);
+  if (cfg.pretrain.contrast == "own_dataset")
+    for (size_t a = 0; a < names.size(); ++a)
+      for (size_t b = 0; b < names.size(); ++b) contrasted[a][b] = a == b;
+  auto pairs = torch::zeros({static_cast<int64_t>(names.size()), static_cast<int64_t>(names.size())}, torch::kBool);
+  for (size_t a = 0; a < names.size(); ++a)
+    for (size_t b = 0; b < names.size(); ++b) pairs[a][b] = static_cast<bool>(contrasted[a][b]);
   auto mixture = std::make_shared<MixtureDataset>(parts);
   auto [ids, mask] = caption_tensors(*tok, mixture->class_names(), m.shapes.clip_text.max_position_embeddings);
-  ClipObjective obj(m.clip, ids, mask, torch::tensor(group, torch::kLong), dev);
+  ClipObjective obj(m.clip, ids, mask, torch::tensor(dataset_of, torch::kLong), pairs, dev);
   for (auto& p : m.clip->parameters()) p.set_requires_grad(true);
   LoaderOptions lo = language_loader_options(cfg, image);
   lo.batch_size = cfg.pretrain.clip_batch_size;

@@ -383,6 +383,8 @@ struct PretrainSection {
   double learning_rate = 2e-3;
   int64_t tokenizer_vocab = 512;
   int64_t train_max_samples = 6000;  // per dataset
+  int64_t instruct_max_samples = 0;  // per dataset, drawn from those; 0 = all of them
+  std::string contrast = "own_dataset";  // or "disjoint_labels": which captions an image competes with in stage a
 
   template <class V> void visit(V& v) {
     v("cache_dir", cache_dir, "where the tiny base model is written and reused");
@@ -395,6 +397,11 @@ struct PretrainSection {
     v("learning_rate", learning_rate, "peak learning rate for every stage");
     v("tokenizer_vocab", tokenizer_vocab, "SentencePiece vocabulary trained for the tiny model");
     v("train_max_samples", train_max_samples, "training images per dataset");
+    v("instruct_max_samples", instruct_max_samples,
+      "images per dataset that the language stages (b, c) show the LLM, drawn from those; 0 = all of them");
+    v("contrast", contrast,
+      "stage a: an image competes with the captions of its own dataset only (own_dataset), or also with those of "
+      "every dataset whose labels share no word with its own (disjoint_labels)");
   }
 };
 

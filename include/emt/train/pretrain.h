@@ -44,10 +44,16 @@ std::string pretrain_recipe(const RunConfig& cfg);
 // Builds the model directory (or finds it reusable); writes no pretrain_report.json (see build_base_model).
 PretrainReport pretrain_tiny(const RunConfig& cfg, const PretrainOptions& opts = {});
 
+// Which datasets' captions an image of each dataset is contrasted with in the contrastive stage: [k][j] is true
+// when j == k or the two label lists share no word (lowercased letters and digits). Sharing a word ("circle",
+// "red circle") means one image may be true of both labels, so those captions never compete.
+std::vector<std::vector<bool>> contrasted_datasets(const std::vector<std::vector<std::string>>& class_names);
+
 // One dataset of the recipe's pool: its train subset (pretrain.train_max_samples, balanced, from run.seed).
 struct PretrainSource {
   std::string name;
-  std::shared_ptr<ImageDataset> train;
+  std::shared_ptr<ImageDataset> train;     // what the contrastive stage sees
+  std::shared_ptr<ImageDataset> language;  // what the language stages show the LLM: a subset of train
   bool digits = false;
 };
 // pretrain.datasets (empty = every dataset of data.datasets), opened.
