@@ -82,6 +82,35 @@ std::vector<double> Reference::run(int units) {
   return ms;
 }
 
+double Reference::peak_mib() {
+  std::fputs("peak\n", to_);
+  std::fflush(to_);
+  const std::string line = read_line();
+  std::istringstream is(line);
+  std::string word;
+  double mib = -1.0;
+  if (!(is >> word >> mib) || word != "peak")
+    throw Error("[bench] the reference under " + python_ + " did not answer 'peak': '" + line + "'");
+  return mib;
+}
+
+nlohmann::json model_spec(const LlavaOptions& lo, const std::string& projector, int64_t vocab, int64_t image_token) {
+  nlohmann::json spec;
+  spec["vision"] = {{"image_size", lo.vision.image_size}, {"patch_size", lo.vision.patch_size},
+                    {"num_channels", lo.vision.num_channels}, {"hidden_size", lo.vision.encoder.hidden_size},
+                    {"num_layers", lo.vision.encoder.num_layers}, {"num_heads", lo.vision.encoder.num_heads},
+                    {"intermediate_size", lo.vision.encoder.intermediate_size},
+                    {"layer_norm_eps", lo.vision.encoder.layer_norm_eps}, {"select_layer", lo.select_layer},
+                    {"select_feature", lo.select_feature}};
+  spec["llm"] = {{"vocab_size", vocab}, {"hidden_size", lo.llm.hidden_size}, {"num_layers", lo.llm.num_layers},
+                 {"num_heads", lo.llm.num_heads}, {"num_kv_heads", lo.llm.num_kv_heads},
+                 {"intermediate_size", lo.llm.intermediate_size}, {"rope_theta", lo.llm.rope_theta},
+                 {"rms_norm_eps", lo.llm.rms_norm_eps}};
+  spec["projector"] = projector;
+  spec["image_token_id"] = image_token;
+  return spec;
+}
+
 std::string Reference::read_line() {
   std::string s;
   for (int c; (c = std::fgetc(from_)) != EOF && c != '\n';) s.push_back(static_cast<char>(c));
@@ -96,9 +125,11 @@ double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std
 
 struct EvalArgs {
   std::string model = "configs/models/tiny.yaml";
+  std::vector<std::string> pythons = {"/usr/bin/python3", ".venv/bin/python"};
+  std::string script = "scripts/bench/eval_ref.py";
   int threads = 2, batch = 16, prompt = 40, new_tokens = 16, repeats = 5, images = 64;
   std::string device = "cpu";
-  bool no_evaluator = false;
+  bool no_evaluator = false, no_reference = false;
   std::vector<std::string> overrides;
 };
 
@@ -130,37 +161,106 @@ void bench_eval(const EvalArgs& a) {
   reset_device_peak(dev);
   GenerateOptions opt;
   opt.max_new_tokens = a.new_tokens;
-  auto time_gen = [&](bool cache, bool one_at_a_time) {
+  auto gen_once = [&](bool cache, bool one_at_a_time) {
     opt.use_cache = cache;
-    auto once = [&] {
-      if (!one_at_a_time) return generate(model, images, ids, mask, opt);
+    const auto t0 = Clock::now();
+    if (!one_at_a_time) {
+      generate(model, images, ids, mask, opt);
+    } else {
       for (int64_t i = 0; i < a.batch; ++i)
         generate(model, images.narrow(0, i, 1), ids.narrow(0, i, 1), mask.narrow(0, i, 1), opt);
-      return std::vector<std::vector<int64_t>>{};
-    };
-    once();  // warm-up
-    std::vector<double> t;
-    for (int r = 0; r < a.repeats; ++r) {
-      const auto t0 = Clock::now();
-      once();
-      t.push_back(ms_since(t0));
     }
-    return median(t);
+    return ms_since(t0);
   };
+  // The references: the same model in PyTorch eager (scripts/bench/eval_ref.py), one process per interpreter and
+  // mode (KV cache, recompute), on the same prompt batch; fp32 only, on the CPU.
+  struct Ref {
+    std::unique_ptr<Reference> proc;
+    bool cache;
+    std::vector<double> ms;
+  };
+  std::vector<Ref> refs;
+  const fs::path dir = fs::temp_directory_path() / fmt::format("emt-bench-eval-{}", ::getpid());
+  fs::create_directories(dir);
+  struct RemoveAtEnd {
+    fs::path p;
+    ~RemoveAtEnd() {
+      std::error_code err;
+      fs::remove_all(p, err);
+    }
+  } remove_dir{dir};
+  if (!a.pythons.empty() && (dev.is_cuda() || dtype != torch::kFloat32)) {
+    fmt::print("(the PyTorch references are left out: they run fp32 on the CPU)\n");
+  } else if (!a.pythons.empty()) {
+    auto raw = [&](const std::string& name, const torch::Tensor& t) {
+      auto c = t.cpu().contiguous();
+      write_file_atomic((dir / name).string(), std::string(static_cast<const char*>(c.data_ptr()),
+                                                           static_cast<size_t>(c.numel() * c.element_size())));
+    };
+    raw("images.f32", images.to(torch::kFloat32));
+    raw("input_ids.i64", ids);
+    nlohmann::json spec = model_spec(model->options, cfg.model.projector, vocab, image_token);
+    spec["threads"] = a.threads;
+    spec["batch"] = {{"dir", dir.string()}, {"B", a.batch}, {"T", a.prompt}};
+    spec["new_tokens"] = a.new_tokens;
+    for (const auto& py : a.pythons) {
+      if (!fs::exists(py)) {
+        fmt::print("(no {}: that reference is left out)\n", py);
+        continue;
+      }
+      for (bool cache : {true, false}) {
+        spec["use_cache"] = cache;
+        const fs::path sp = dir / fmt::format("spec-{}-{}.json", refs.size(), cache ? "cache" : "recompute");
+        write_file_atomic(sp.string(), spec.dump(1));
+        refs.push_back({std::make_unique<Reference>(py, a.script, sp.string()), cache, {}});
+      }
+    }
+  }
+  // Every side once to warm up, then the sides in turns, a.repeats rounds.
+  std::vector<double> t_cached, t_recompute, t_rows;
+  for (int r = 0; r <= a.repeats; ++r) {
+    const double c = gen_once(true, false), re = gen_once(false, false), rows = gen_once(true, true);
+    for (auto& ref : refs) {
+      const auto ms = ref.proc->run(1);
+      if (r > 0) ref.ms.insert(ref.ms.end(), ms.begin(), ms.end());
+    }
+    if (r == 0) continue;
+    t_cached.push_back(c);
+    t_recompute.push_back(re);
+    t_rows.push_back(rows);
+  }
   const int64_t seq = a.prompt - 1 + model->options.num_image_tokens();
   fmt::print("emt bench eval: {} (random weights, {}), on {}, batch {}, prompt {} tokens ({} of them image tokens), "
-             "{} new tokens, {} threads, median of {} after a warm-up\n\n",
+             "{} new tokens, {} threads, median of {} after a warm-up, sides in turns\n\n",
              a.model, cfg.run.dtype, dev.str(), a.batch, seq, model->options.num_image_tokens(), a.new_tokens,
              a.threads, a.repeats);
-  const double cached = time_gen(true, false), recompute = time_gen(false, false), rows = time_gen(true, true);
+  const double cached = median(t_cached), recompute = median(t_recompute), rows = median(t_rows);
   const double tokens = static_cast<double>(a.batch) * a.new_tokens;
-  fmt::print("{:<44} {:>10} {:>10} {:>10} {:>12}\n", "generation", "ms", "samples/s", "tokens/s", "time/cache");
-  auto gen_row = [&](const std::string& what, double ms, const std::string& ratio) {
-    fmt::print("{:<44} {:>10.1f} {:>10.2f} {:>10.1f} {:>12}\n", what, ms, a.batch / ms * 1e3, tokens / ms * 1e3, ratio);
+  fmt::print("{:<44} {:>10} {:>10} {:>10} {:>12} {:>10}\n", "generation", "ms", "samples/s", "tokens/s",
+             "time/cache", "peak MiB");
+  auto gen_row = [&](const std::string& what, double ms, const std::string& ratio, const std::string& mib) {
+    fmt::print("{:<44} {:>10.1f} {:>10.2f} {:>10.1f} {:>12} {:>10}\n", what, ms, a.batch / ms * 1e3,
+               tokens / ms * 1e3, ratio, mib);
   };
-  gen_row("KV cache, whole batch", cached, "1.00x");
-  gen_row("recompute every step, whole batch", recompute, fmt::format("{:.2f}x", recompute / cached));
-  gen_row("KV cache, one row at a time (batch 1)", rows, fmt::format("{:.2f}x", rows / cached));
+  gen_row("KV cache, whole batch", cached, "1.00x", dev.is_cuda() ? "" : fmt::format("{:.0f}", host_peak_rss_mb()));
+  gen_row("recompute every step, whole batch", recompute, fmt::format("{:.2f}x", recompute / cached), "");
+  gen_row("KV cache, one row at a time (batch 1)", rows, fmt::format("{:.2f}x", rows / cached), "");
+  // A reference's time/cache is against its own KV-cache row; emt/side compares the same mode.
+  std::vector<std::pair<std::string, double>> vs;
+  for (size_t i = 0; i < refs.size(); ++i) {
+    const auto& ref = refs[i];
+    const double ms = median(ref.ms);
+    const double own_cache = ref.cache ? ms : median(refs[i - 1].ms);
+    const std::string what = fmt::format("python {}, {}", ref.proc->label(), ref.cache ? "KV cache" : "recompute");
+    gen_row(what, ms, fmt::format("{:.2f}x", ms / own_cache), fmt::format("{:.0f}", ref.proc->peak_mib()));
+    vs.push_back({what, (ref.cache ? cached : recompute) / ms});
+  }
+  if (!vs.empty()) {
+    fmt::print("\nemt/side (emt's median time over the reference's in the same mode; below 1 = emt faster):");
+    for (const auto& [what, ratio] : vs) fmt::print(" {} {:.2f}x;", what, ratio);
+    fmt::print("\npeak MiB: emt's process's peak RSS after its rows, each reference's own\n");
+  }
+  refs.clear();
   if (dev.is_cuda() && built_with_cuda_stats())
     fmt::print("peak GPU memory (CUDA allocator): {:.0f} MiB\n", device_peak_allocated_mb(dev));
   if (a.no_evaluator) return;
@@ -171,8 +271,6 @@ void bench_eval(const EvalArgs& a) {
   }
 
   // The evaluator end to end: a SentencePiece tokenizer trained on shapes10's prompts, random weights.
-  const fs::path dir = fs::temp_directory_path() / fmt::format("emt-bench-eval-{}", ::getpid());
-  fs::create_directories(dir);
   RunConfig ec;
   ec.data.root = dir.string();
   DatasetConfig shapes;
@@ -227,8 +325,6 @@ void bench_eval(const EvalArgs& a) {
   fmt::print("{:<44} {:>10.1f} {:>11.2f}x\n", "batch 32, strict", b32, b32 / b1);
   fmt::print("{:<44} {:>10.1f} {:>11.2f}x\n", fmt::format("batch 32, strict + likelihood ({} classes)", names.size()),
              lik, lik / b1);
-  std::error_code err;
-  fs::remove_all(dir, err);
 }
 
 // ---- data -------------------------------------------------------------------------------------------------------
@@ -402,19 +498,27 @@ void bench_memory(const MemoryArgs& a) {
 
 void add_tables(CLI::App& bench) {
   auto* eval = bench.add_subcommand(
-      "eval", "Generation (KV cache vs recompute, batch vs one row at a time) and the evaluator's images/s");
+      "eval", "Generation (KV cache vs recompute, batch vs one row at a time, vs PyTorch eager: "
+              "scripts/bench/eval_ref.py) and the evaluator's images/s");
   auto e = std::make_shared<EvalArgs>();
   eval->add_option("--model", e->model, "a config naming the model (model.*)")->default_val(e->model);
   eval->add_option("--threads", e->threads, "intra-op threads")->default_val(e->threads);
   eval->add_option("--batch", e->batch, "rows generated together")->default_val(e->batch);
   eval->add_option("--prompt", e->prompt, "text tokens per row, the image token included")->default_val(e->prompt);
   eval->add_option("--new-tokens", e->new_tokens, "tokens generated per row")->default_val(e->new_tokens);
+  eval->add_option("--python", e->pythons, "interpreters of the references (each gets two rows; missing = left out)")
+      ->delimiter(',')->allow_extra_args(false);
+  eval->add_option("--script", e->script, "the reference script")->default_val(e->script);
+  eval->add_flag("--no-reference", e->no_reference, "emt's rows only");
   eval->add_option("--repeats", e->repeats, "timed repeats (median)")->default_val(e->repeats);
   eval->add_option("--images", e->images, "shapes10 test images the evaluator scores")->default_val(e->images);
   eval->add_option("--device", e->device, "cpu, cuda, cuda:N or auto")->default_val(e->device);
   eval->add_flag("--no-evaluator", e->no_evaluator, "the generation table only");
   eval->add_option("overrides", e->overrides, "config overrides key=value");
-  eval->callback([e] { bench_eval(*e); });
+  eval->callback([e] {
+    if (e->no_reference) e->pythons.clear();
+    bench_eval(*e);
+  });
 
   auto* data = bench.add_subcommand(
       "data", "PNG decode + CLIP preprocessing, images/s, vs PIL + transformers (scripts/bench/data_ref.py)");

@@ -34,6 +34,7 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using bench::median;
+using bench::model_spec;
 using bench::Reference;
 
 // The same batch every micro-step. The time between two next() calls is one optimizer step; at a round's end the
@@ -268,22 +269,10 @@ void bench_train(const Args& a) {
       else if (name == "k_proj" || name == "v_proj") lora_io += d + kv;
       else if (name == "gate_proj" || name == "up_proj" || name == "down_proj") lora_io += d + inter;
     }
-    nlohmann::json spec;
-    spec["vision"] = {{"image_size", lo.vision.image_size}, {"patch_size", lo.vision.patch_size},
-                      {"num_channels", lo.vision.num_channels}, {"hidden_size", lo.vision.encoder.hidden_size},
-                      {"num_layers", lo.vision.encoder.num_layers}, {"num_heads", lo.vision.encoder.num_heads},
-                      {"intermediate_size", lo.vision.encoder.intermediate_size},
-                      {"layer_norm_eps", lo.vision.encoder.layer_norm_eps}, {"select_layer", lo.select_layer},
-                      {"select_feature", lo.select_feature}};
-    spec["llm"] = {{"vocab_size", vocab}, {"hidden_size", lo.llm.hidden_size}, {"num_layers", lo.llm.num_layers},
-                   {"num_heads", lo.llm.num_heads}, {"num_kv_heads", lo.llm.num_kv_heads},
-                   {"intermediate_size", lo.llm.intermediate_size}, {"rope_theta", lo.llm.rope_theta},
-                   {"rms_norm_eps", lo.llm.rms_norm_eps}};
-    spec["projector"] = cfg.model.projector;
+    nlohmann::json spec = model_spec(lo, cfg.model.projector, vocab, image_token);
     spec["method"] = method;
     spec["lora"] = {{"r", ft.lora.r}, {"alpha", ft.lora.alpha}, {"dropout", ft.lora.dropout},
                     {"targets", ft.lora.target_modules}};
-    spec["image_token_id"] = image_token;
     spec["lr"] = ft.learning_rate;
     spec["beta1"] = 0.9;
     spec["beta2"] = 0.999;
@@ -359,7 +348,7 @@ void bench_train(const Args& a) {
         paired.push_back(median(e) / median(p));
       }
       row("python " + refs[i]->label(), median(ref_ms[i]),
-          fmt::format("{:.2f}x ({:.2f})", emt_ms / median(ref_ms[i]), median(paired)), -1.0);
+          fmt::format("{:.2f}x ({:.2f})", emt_ms / median(ref_ms[i]), median(paired)), refs[i]->peak_mib());
     }
   }
   fmt::print("\nemt/side: emt's median step time over the side's (below 1 = emt faster); in brackets the median of "
@@ -368,7 +357,8 @@ void bench_train(const Args& a) {
              "4N MFU counts 4 FLOPs per decoder weight (embeddings and output head left out) per token instead. peak MiB: {}.\n",
              peak_what, dev.is_cuda() ? (built_with_cuda_stats() ? "the CUDA allocator's peak over the method's steps"
                                                                  : "unavailable (no CUDA allocator statistics in this build)")
-                                      : "the process's peak RSS so far");
+                                      : "emt's process's peak RSS so far (one process runs every method), each "
+                                        "reference's own peak RSS (one process per method)");
   if (!profile_rows.empty()) {
     fs::create_directories(a.profile);
     for (const auto& [method, text] : profile_rows) {

@@ -26,9 +26,10 @@ TEST_CASE("bench: the train step table has an emt row and a reference row per me
     REQUIRE(std::regex_search(out, e, std::regex(m + R"( +emt \(LibTorch [0-9.]+\) +([0-9.]+) +([0-9.]+) +([0-9]+))")));
     CHECK(std::stod(e[1]) > 0.0);
     CHECK(std::stod(e[3]) > 0.0);
-    REQUIRE(std::regex_search(out, p, std::regex(m + R"( +python torch 1\.13[^ ]* +([0-9.]+) .* ([0-9.]+)x \(([0-9.]+)\))")));
+    REQUIRE(std::regex_search(out, p, std::regex(m + R"( +python torch 1\.13[^ ]* +([0-9.]+) .* ([0-9]+) +([0-9.]+)x \(([0-9.]+)\))")));
     CHECK(std::stod(p[1]) > 0.0);
-    CHECK(std::stod(p[2]) > 0.0);
+    CHECK(std::stod(p[2]) > 50.0);  // the reference's own peak RSS: a Python process with torch loaded
+    CHECK(std::stod(p[3]) > 0.0);
   }
   CHECK(r.output.find("matmul peak") != std::string::npos);
 }
@@ -163,7 +164,8 @@ TEST_CASE("bench data: emt and reference rows per input and size; outputs compar
 TEST_CASE("bench eval: generation and evaluator rows with figures", "[bench]") {
   auto r = emt_test::run_cli(std::string("bench eval --model ") + EMT_SOURCE_DIR +
                              "/configs/models/tiny.yaml --batch 2 --prompt 8 --new-tokens 4 --repeats 1 --images 4 "
-                             "--threads 1");
+                             "--threads 1 --python /usr/bin/python3,/nonexistent/python3 --script " + EMT_SOURCE_DIR +
+                             "/scripts/bench/eval_ref.py");
   INFO(r.output);
   REQUIRE(r.code == 0);
   const std::string out = r.output;
@@ -179,11 +181,29 @@ TEST_CASE("bench eval: generation and evaluator rows with figures", "[bench]") {
     CHECK(samples <= 2e3 / std::max(ms - 0.05, 1e-3) * 1.001);
     CHECK(tokens == Approx(4 * samples).epsilon(0.01).margin(0.1));
   }
+  // the PyTorch reference: a KV-cache and a recompute row, each with its own peak RSS, and emt's ratio per mode
+  for (const std::string mode : {"KV cache", "recompute"}) {
+    INFO(mode);
+    std::smatch m;
+    REQUIRE(std::regex_search(out, m, std::regex("python torch 1\\.13[^ ]*, " + mode +
+                                                 R"( +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)x +([0-9]+))")));
+    CHECK(std::stod(m[1]) > 0.0);
+    CHECK(std::stod(m[5]) > 50.0);  // a Python process with torch loaded holds more than 50 MiB
+    REQUIRE(std::regex_search(out, m, std::regex("python torch 1\\.13[^ ]*, " + mode + R"( ([0-9.]+)x;)")));
+    CHECK(std::stod(m[1]) > 0.0);
+  }
+  CHECK(out.find("no /nonexistent/python3") != std::string::npos);
   for (const std::string row : {"batch 1, strict", "batch 32, strict"}) {
     std::smatch m;
     REQUIRE(std::regex_search(out, m, std::regex(row + R"( +([0-9.]+) +([0-9.]+)x)")));
     CHECK(std::stod(m[1]) > 0.0);
   }
+  // a reference that fails is an error naming its interpreter
+  r = emt_test::run_cli(std::string("bench eval --model ") + EMT_SOURCE_DIR +
+                        "/configs/models/tiny.yaml --batch 1 --prompt 4 --new-tokens 1 --repeats 1 --no-evaluator "
+                        "--python /bin/false");
+  CHECK(r.code != 0);
+  CHECK(r.output.find("/bin/false") != std::string::npos);
   r = emt_test::run_cli("bench eval --new-tokens 0");
   CHECK(r.code != 0);
   CHECK(r.output.find("--new-tokens") != std::string::npos);

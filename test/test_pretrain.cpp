@@ -371,4 +371,46 @@ TEST_CASE("pretrain: the language stages see pretrain.instruct_max_samples image
   CHECK_THROWS_AS(validate_config(cfg), ConfigError);
 }
 
+
+TEST_CASE("pretrain: pick_own_labels puts that many other labels of the image's dataset in every pick list, and no more",
+          "[pretrain]") {
+  const std::string dir = emt_test::scratch_dir("pretrain_own_labels");
+  RunConfig cfg = world_config(dir);
+  const auto srcs = pretrain_sources(cfg);
+  const auto lists = class_lists(srcs);
+  const auto forbidden = study_texts(cfg, lists);
+  for (int64_t n : {0, 1, 2}) {
+    INFO("pick_own_labels = " << n);
+    cfg.pretrain.pick_own_labels = n;
+    const auto sets = pretrain_language_sets(cfg, srcs, false);  // the leak check runs in here: it must pass
+    int64_t picks = 0;
+    for (size_t k = 0; k < sets.size(); ++k) {
+      const auto* set = dynamic_cast<const InstructionDataset*>(sets[k].get());
+      REQUIRE(set != nullptr);
+      const auto& names = set->class_names();
+      for (int64_t i = 0; i < set->size(); ++i) {
+        if (set->kind(i) != InstructionKind::pick) continue;
+        ++picks;
+        const std::string q = set->text(i).first;
+        int64_t hits = 0;  // labels of the image's own dataset among the options (", "-separated, then ".")
+        for (const auto& c : names) {
+          if (q.find(", " + c + ",") != std::string::npos || q.find(", " + c + ".") != std::string::npos ||
+              q.find(": " + c + ",") != std::string::npos || q.find(" in " + c + ",") != std::string::npos)
+            ++hits;
+        }
+        INFO(q);
+        // never all of them: one label at least stays out of the list
+        CHECK(hits == std::min<int64_t>(1 + n, static_cast<int64_t>(names.size()) - 1));
+      }
+      // more of them than the option allows is a leak
+      const int64_t extra = std::min<int64_t>(n, static_cast<int64_t>(names.size()) - 2);
+      if (extra > 0) CHECK(!study_text_leaks(*set, forbidden, lists, extra - 1).empty());
+      CHECK(study_text_leaks(*set, forbidden, lists, n).empty());
+    }
+    CHECK(picks > 20);
+  }
+  cfg.pretrain.pick_own_labels = -1;
+  CHECK_THROWS_AS(validate_config(cfg), ConfigError);
+}
+
 }  // namespace emt

@@ -305,7 +305,7 @@ struct InstructionDataset::Planner {
   // short_answer and pick: the same leads with and without an option list, answered alike: a list is a
   // constraint on the answer, not another task. "pick" offers the image's own name among things it is not:
   // everyday nouns no study uses and at most one label of each other dataset; never two labels of one dataset,
-  // so no study's list, or part of one, is ever practised.
+  // so no study's list, or part of one, is ever practised (unless pretrain.pick_own_labels asks for that).
   void naming() {
     const int64_t li = d.below(4);
     const std::string lead =
@@ -317,7 +317,19 @@ struct InstructionDataset::Planner {
       std::vector<std::string> others = ds.opts_.distractors;
       for (const auto& list : ds.opts_.other_labels)
         if (!list.empty() && d.below(3) == 0) others.push_back(d.pick(list));
-      p.question = choice_question(d, lead, thing, options(d, label, others, 2 + d.below(7)));
+      auto opts = options(d, label, others, 2 + d.below(7));
+      if (ds.opts_.own_labels > 0) {  // an experiment (pretrain.pick_own_labels): same-dataset distractors
+        std::vector<std::string> own;
+        for (const auto& n : ds.class_names())
+          if (n != label && std::find(opts.begin(), opts.end(), n) == opts.end()) own.push_back(n);
+        d.shuffle(own);
+        // never every label of the dataset: at least one stays out, so the list is never the study's whole list
+        const int64_t room = static_cast<int64_t>(ds.class_names().size()) - 2;
+        own.resize(static_cast<size_t>(std::max<int64_t>(0, std::min<int64_t>({ds.opts_.own_labels, room,
+                                                                                static_cast<int64_t>(own.size())}))));
+        for (const auto& n : own) opts.insert(opts.begin() + d.below(static_cast<int64_t>(opts.size()) + 1), n);
+      }
+      p.question = choice_question(d, lead, thing, opts);
     } else {
       p.question = lead;
     }
@@ -481,7 +493,7 @@ bool listed(const std::string& q, const std::string& c) {
 
 std::vector<std::string> study_text_leaks(
     const ImageDataset& ds, const std::vector<std::string>& forbidden,
-    const std::vector<std::pair<std::string, std::vector<std::string>>>& class_names) {
+    const std::vector<std::pair<std::string, std::vector<std::string>>>& class_names, int64_t own_labels) {
   std::vector<std::string> leaks;
   for (int64_t i = 0; i < ds.size(); ++i) {
     const auto [q, a] = ds.text(i);
@@ -496,7 +508,8 @@ std::vector<std::string> study_text_leaks(
       std::vector<std::string> hit;
       for (const auto& c : names)
         if (listed(q, c)) hit.push_back(c);
-      if (hit.size() >= 2) why = "lists " + detail::join(hit, ", ") + " of '" + name + "'";
+      if (static_cast<int64_t>(hit.size()) > 1 + own_labels)
+        why = "lists " + detail::join(hit, ", ") + " of '" + name + "'";
     }
     if (!why.empty()) leaks.push_back(ds.source(i) + ": '" + q + "' -> '" + a + "' " + why);
   }

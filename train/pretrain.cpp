@@ -322,6 +322,7 @@ std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfi
     io.digits = srcs[k].digits;
     io.seed = mix_seed(static_cast<uint64_t>(cfg.run.seed), k);
     io.distractors = nouns;
+    io.own_labels = cfg.pretrain.pick_own_labels;
     for (size_t o = 0; o < srcs.size(); ++o)
       if (o != k) io.other_labels.push_back(srcs[o].train->class_names());
     return io;
@@ -352,7 +353,7 @@ std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfi
   for (size_t k = 0; k < srcs.size(); ++k) {
     auto set = std::make_shared<InstructionDataset>(plain[k], std::vector<std::string>(words.begin(), words.end()));
     // The base model must never practise what a study asks or trains: refuse a recipe that would.
-    auto leaks = study_text_leaks(*set, forbidden, names);
+    auto leaks = study_text_leaks(*set, forbidden, names, cfg.pretrain.pick_own_labels);
     if (!leaks.empty())
       throw ConfigError(fmt::format("[pretrain] {} generic instruction(s) for '{}' contain a study prompt or answer, "
                                     "e.g. {}; change that dataset's prompt/answer so they differ from the recipe's "

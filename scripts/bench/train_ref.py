@@ -5,13 +5,15 @@ eager, driven by emt over stdin/stdout so that both sides are timed in turns, in
 It runs under Debian's /usr/bin/python3 (PyTorch 1.13, the kernels emt links) or the .venv's Python (PyTorch 2.x).
 emt writes a JSON spec (model shapes, method, optimizer settings, the batch's raw files) and starts it as
   train_ref.py SPEC.json
-then sends lines "run N"; each answer is one line "ok MS_1 ... MS_N" (milliseconds per optimizer step). "quit" ends.
+then sends lines "run N"; each answer is one line "ok MS_1 ... MS_N" (milliseconds per optimizer step); "peak"
+answers "peak MIB" (this process's peak RSS); "quit" ends.
 Weights are random: the figures are speed, not accuracy. The computation mirrors emt's: the vision tower runs
 without gradients (no method here trains it), the image features replace the one image token, and logits are
 computed only at supervised positions.
 """
 import json
 import math
+import resource
 import sys
 import time
 
@@ -233,18 +235,26 @@ def main():
         opt.zero_grad()
         return float(loss.detach())  # one host sync per step, as emt's loop
 
+    serve(step)
+
+
+def serve(unit):
+    """The pipe protocol: "ready LABEL", then per "run N" the milliseconds of N calls of unit(), per "peak" this
+    process's peak RSS in MiB; "quit" or end of input ends."""
     print("ready torch " + torch.__version__, flush=True)
     for line in sys.stdin:
         cmd = line.split()
         if not cmd or cmd[0] == "quit":
             break
+        if cmd[0] == "peak":
+            print("peak %.1f" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0), flush=True)
+            continue
         times = []
         for _ in range(int(cmd[1])):
             t0 = time.perf_counter()
-            step()
+            unit()
             times.append((time.perf_counter() - t0) * 1e3)
         print("ok " + " ".join("%.3f" % t for t in times), flush=True)
-
 
 if __name__ == "__main__":
     main()

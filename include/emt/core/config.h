@@ -385,6 +385,7 @@ struct PretrainSection {
   int64_t train_max_samples = 6000;  // per dataset
   int64_t instruct_max_samples = 0;  // per dataset, drawn from those; 0 = all of them
   std::string contrast = "own_dataset";  // or "disjoint_labels": which captions an image competes with in stage a
+  int64_t pick_own_labels = 0;  // an experiment: same-dataset distractors in every "pick" list
 
   template <class V> void visit(V& v) {
     v("cache_dir", cache_dir, "where the tiny base model is written and reused");
@@ -402,6 +403,10 @@ struct PretrainSection {
     v("contrast", contrast,
       "stage a: an image competes with the captions of its own dataset only (own_dataset), or also with those of "
       "every dataset whose labels share no word with its own (disjoint_labels)");
+    v("pick_own_labels", pick_own_labels,
+      "an experiment, 0 by default: each 'pick' list of stage c also offers this many other labels of the image's "
+      "own dataset, so the LLM practises choosing among labels of one dataset (part of a study's list; "
+      "docs/findings.md)");
   }
 };
 

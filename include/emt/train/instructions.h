@@ -26,6 +26,9 @@ struct InstructionOptions {
   // recipe drops any that a dataset uses as a label) and at most one label of each other dataset.
   std::vector<std::string> distractors;
   std::vector<std::vector<std::string>> other_labels;
+  // An experiment, off by default: each "pick" list also offers this many other labels of the image's own dataset
+  // (pretrain.pick_own_labels; the list then holds part of a study's label list).
+  int64_t own_labels = 0;
   // "copy" questions repeat a few of these words in random order (empty = no copy questions): the recipe passes
   // every word of the tokenizer's corpus, so the LLM can write each word of its language, as a real LLM can.
   std::vector<std::string> words;
@@ -71,10 +74,10 @@ std::vector<std::string> study_texts(const RunConfig& cfg,
                                      const std::vector<std::pair<std::string, std::vector<std::string>>>& class_names);
 
 // Samples of `ds` whose question or answer contains one of `forbidden` (case-sensitive substring), or whose question
-// lists two or more class names of one dataset of `class_names` as options (items between ", ", ": " and the
-// final "."), as "source: text"; empty when the set is clean.
+// lists more than 1 + own_labels class names of one dataset of `class_names` as options (items between ", ", ": "
+// and the final "."), as "source: text"; empty when the set is clean. own_labels: pretrain.pick_own_labels.
 std::vector<std::string> study_text_leaks(
     const ImageDataset& ds, const std::vector<std::string>& forbidden,
-    const std::vector<std::pair<std::string, std::vector<std::string>>>& class_names = {});
+    const std::vector<std::pair<std::string, std::vector<std::string>>>& class_names = {}, int64_t own_labels = 0);
 
 }  // namespace emt
