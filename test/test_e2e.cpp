@@ -129,6 +129,15 @@ TEST_CASE("e2e: pretrain writes a reusable HF-layout base model", "[e2e][slow]")
   CHECK_THAT(rep.value("blas", std::string()), Catch::Contains("OPENBLAS_CORETYPE"));
   CHECK_THAT(again.output, Catch::Contains("built with "));
   CHECK_THAT(again.output, Catch::Contains("reused"));
+  // scoring the cached base under a config whose recipe differs works, and says so; under its own it is silent
+  auto same = emt_test::run_cli("score " + w.config + " --no-clip run.name=score_same");
+  INFO(same.output);
+  CHECK(same.code == 0);
+  CHECK(same.output.find("another recipe") == std::string::npos);
+  auto other = emt_test::run_cli("score " + w.config + " --no-clip run.name=score_other pretrain.clip_steps=5");
+  INFO(other.output);
+  CHECK(other.code == 0);
+  CHECK_THAT(other.output, Catch::Contains("was built by another recipe") && Catch::Contains("--print-recipe"));
 }
 
 TEST_CASE("e2e: kill -9 mid-epoch then --resume reproduces the straight run exactly", "[e2e][slow]") {

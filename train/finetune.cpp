@@ -6,6 +6,7 @@
 #include <emt/core/runtime.h>
 #include <emt/train/finetune.h>
 #include <emt/train/mitigation.h>
+#include <emt/train/pretrain.h>
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -29,6 +30,13 @@ BaseModel load_base_model(const RunConfig& cfg) {
                     "/config.json' not found; build it with `emt pretrain CONFIG` (emt study does it for you)");
     throw IoError("[finetune] model.pretrained: '" + b.dir + "' has no config.json (expected an HF model directory)");
   }
+  // A cached base built from another recipe is used as it is (scoring it under other settings is legitimate),
+  // but said: `emt study` and `emt train` rebuild it first, `emt score`, `emt generate` and `emt eval` do not.
+  const fs::path recipe = fs::path(b.dir) / "recipe.yaml";
+  if (cfg.model.pretrained.empty() && fs::exists(recipe) && read_file(recipe.string()) != pretrain_recipe(cfg))
+    log_warn("[finetune] {} was built by another recipe than this config's (a pretrain.*, model, dataset, seed or "
+             "dtype setting differs; `emt pretrain CONFIG --print-recipe` prints this config's): using it as it is; "
+             "`emt pretrain CONFIG` rebuilds it", b.dir);
   b.device = resolve_device(cfg.run.device);
   b.model = load_llava(b.dir, parse_dtype(cfg.run.dtype), b.device, cfg.model.vision_tower);
   b.tokenizer = cfg.model.tokenizer.empty() ? std::shared_ptr<Tokenizer>(load_hf_tokenizer(b.dir))
