@@ -195,7 +195,8 @@ step "LoRA training step: $MODEL, random weights, bf16 frozen weights and autoca
 done_step "training step"
 
 step "EMT-style generation: $MODEL, random weights, bf16, $DEVICE; batch 1 vs batched, KV cache vs recompute"
-"$BUILD/emt" bench eval --model "$MODEL" --device "$DEVICE" --no-evaluator --threads "$THREADS" "${EVAL[@]}" \
+"$BUILD/emt" bench eval --model "$MODEL" --device "$DEVICE" --no-evaluator --no-reference --threads "$THREADS" \
+  "${EVAL[@]}" \
   run.dtype=bf16
 done_step "generation"
 
