@@ -413,4 +413,44 @@ TEST_CASE("pretrain: pick_own_labels puts that many other labels of the image's 
   CHECK_THROWS_AS(validate_config(cfg), ConfigError);
 }
 
+
+TEST_CASE("pretrain: attribute_noun 'thing' keeps 'object' out of every attribute question", "[pretrain]") {
+  const std::string dir = emt_test::scratch_dir("pretrain_attribute_noun");
+  RunConfig cfg = world_config(dir);
+  const auto srcs = pretrain_sources(cfg);
+  auto attribute = [](InstructionKind k) {
+    return k == InstructionKind::colour || k == InstructionKind::position || k == InstructionKind::count ||
+           k == InstructionKind::size;
+  };
+  for (const std::string noun : {"object", "thing"}) {
+    INFO(noun);
+    cfg.pretrain.attribute_noun = noun;
+    const auto sets = pretrain_language_sets(cfg, srcs, false);
+    int64_t with_object = 0, with_thing = 0, other_object = 0;
+    for (size_t k = 0; k < sets.size(); ++k) {
+      const auto* set = dynamic_cast<const InstructionDataset*>(sets[k].get());
+      REQUIRE(set != nullptr);
+      if (srcs[k].digits) continue;  // digits are asked about "the digit" either way
+      for (int64_t i = 0; i < set->size(); ++i) {
+        const std::string q = set->text(i).first;
+        if (attribute(set->kind(i))) {
+          with_object += q.find("object") != std::string::npos;
+          with_thing += q.find(" thing") != std::string::npos;
+        } else if (set->kind(i) == InstructionKind::pick) {
+          other_object += q.find("single object in") != std::string::npos;
+        }
+      }
+    }
+    if (noun == "object") {
+      CHECK(with_object > 0);
+    } else {
+      CHECK(with_object == 0);
+      CHECK(with_thing > 0);
+    }
+    CHECK(other_object > 0);  // the pick lists keep their wording
+  }
+  cfg.pretrain.attribute_noun = "item";
+  CHECK_THROWS_AS(validate_config(cfg), ConfigError);
+}
+
 }  // namespace emt

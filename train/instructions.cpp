@@ -359,7 +359,10 @@ struct InstructionDataset::Planner {
     Fact f = attribute_fact(p.kind, colour_words()[ds.colour_[static_cast<size_t>(i)]], d);
     p.cells = f.cells;
     const bool first = d.below(2) == 0;  // the first lead is answered with the word, the second in a sentence
-    const std::string lead = attribute_lead(p.kind, first, thing, things);
+    // pretrain.attribute_noun: "thing" keeps the study's word "object" out of every attribute question (an
+    // experiment: the EMT lead "What is the object in the image?" resembles "What colour is the object ...").
+    const bool plain = !dig && ds.opts_.attribute_noun == "thing";
+    const std::string lead = attribute_lead(p.kind, first, plain ? "thing" : thing, plain ? "things" : things);
     auto form = [&](const std::string& w) { return first ? w + "." : "The " + f.kind_word + " is " + w + "."; };
     if (d.below(10) < 3) {  // an open question, answered with the plain word
       p.question = lead;

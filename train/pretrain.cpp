@@ -323,6 +323,7 @@ std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfi
     io.seed = mix_seed(static_cast<uint64_t>(cfg.run.seed), k);
     io.distractors = nouns;
     io.own_labels = cfg.pretrain.pick_own_labels;
+    io.attribute_noun = cfg.pretrain.attribute_noun;
     for (size_t o = 0; o < srcs.size(); ++o)
       if (o != k) io.other_labels.push_back(srcs[o].train->class_names());
     return io;

@@ -386,6 +386,7 @@ struct PretrainSection {
   int64_t instruct_max_samples = 0;  // per dataset, drawn from those; 0 = all of them
   std::string contrast = "own_dataset";  // or "disjoint_labels": which captions an image competes with in stage a
   int64_t pick_own_labels = 0;  // an experiment: same-dataset distractors in every "pick" list
+  std::string attribute_noun = "object";  // an experiment: or "thing"
 
   template <class V> void visit(V& v) {
     v("cache_dir", cache_dir, "where the tiny base model is written and reused");
@@ -407,6 +408,10 @@ struct PretrainSection {
       "an experiment, 0 by default: each 'pick' list of stage c also offers this many other labels of the image's "
       "own dataset, so the LLM practises choosing among labels of one dataset (part of a study's list; "
       "docs/findings.md)");
+    v("attribute_noun", attribute_noun,
+      "an experiment: the noun of stage c's attribute questions about non-digit images, 'object' (the default: "
+      "'What colour is the object in the picture?') or 'thing', which leaves the study's word 'object' to the "
+      "pick lists and answers (docs/findings.md)");
   }
 };
 

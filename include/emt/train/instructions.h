@@ -29,6 +29,8 @@ struct InstructionOptions {
   // An experiment, off by default: each "pick" list also offers this many other labels of the image's own dataset
   // (pretrain.pick_own_labels; the list then holds part of a study's label list).
   int64_t own_labels = 0;
+  // An experiment: the noun of the attribute questions about a non-digit image ("object", the default, or "thing").
+  std::string attribute_noun = "object";
   // "copy" questions repeat a few of these words in random order (empty = no copy questions): the recipe passes
   // every word of the tokenizer's corpus, so the LLM can write each word of its language, as a real LLM can.
   std::vector<std::string> words;
