@@ -245,7 +245,8 @@ void bench_eval(const EvalArgs& a) {
   gen_row("KV cache, whole batch", cached, "1.00x", dev.is_cuda() ? "" : fmt::format("{:.0f}", host_peak_rss_mb()));
   gen_row("recompute every step, whole batch", recompute, fmt::format("{:.2f}x", recompute / cached), "");
   gen_row("KV cache, one row at a time (batch 1)", rows, fmt::format("{:.2f}x", rows / cached), "");
-  // A reference's time/cache is against its own KV-cache row; emt/side compares the same mode.
+  // A reference's time/cache is against its own KV-cache row (refs come in pairs: cache, then recompute);
+  // emt/side compares the same mode.
   std::vector<std::pair<std::string, double>> vs;
   for (size_t i = 0; i < refs.size(); ++i) {
     const auto& ref = refs[i];

@@ -16,54 +16,24 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_ref  # noqa: E402  (the model classes and the pipe protocol)
 
 
-def rope(model, positions):
-    inv = 1.0 / (model.theta ** (torch.arange(0, model.hd, 2, dtype=torch.float32) / model.hd))
-    ang = positions.float().unsqueeze(-1) * inv
-    ang = torch.cat([ang, ang], -1).unsqueeze(1)
-    return ang.cos(), ang.sin()
-
-
-def layer_forward(layer, x, cos, sin, mask, past):
-    """One decoder layer over the new positions x; past is (k, v) of earlier positions or None."""
-    b, n, _ = x.shape
-    h = layer.input_layernorm(x)
-    q = layer.q_proj(h).view(b, n, layer.heads, layer.hd).transpose(1, 2)
-    k = layer.k_proj(h).view(b, n, layer.kv, layer.hd).transpose(1, 2)
-    v = layer.v_proj(h).view(b, n, layer.kv, layer.hd).transpose(1, 2)
-    q, k = q * cos + train_ref.rotate_half(q) * sin, k * cos + train_ref.rotate_half(k) * sin
-    if past is not None:
-        k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-    kept = (k, v)
-    if layer.kv != layer.heads:
-        k = k.repeat_interleave(layer.heads // layer.kv, 1)
-        v = v.repeat_interleave(layer.heads // layer.kv, 1)
-    a = train_ref.attention(q, k, v, mask).transpose(1, 2).reshape(b, n, -1)
-    x = x + layer.o_proj(a)
-    h = layer.post_attention_layernorm(x)
-    return x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h)), kept
-
-
 def decoder(model, x, start, caches):
-    """The decoder over x (positions start..start+n-1); caches: a list to fill/extend, or None (no cache)."""
+    """The decoder over x (positions start..start+n-1); caches: one (keys, values) per layer, updated in place, or
+    None (no cache: x is the whole sequence)."""
     n = x.size(1)
-    cos, sin = rope(model, torch.arange(start, start + n).view(1, n))
+    cos, sin = model.rope(torch.arange(start, start + n).view(1, n))
     total = start + n
     # new position i (absolute start + i) sees every absolute position up to its own
     mask = torch.arange(total).view(1, total).le(torch.arange(start, total).view(n, 1)).view(1, 1, n, total)
     for li, layer in enumerate(model.layers):
-        past = caches[li] if caches is not None and li < len(caches) else None
-        x, kept = layer_forward(layer, x, cos, sin, mask, past)
-        if caches is not None:
-            if li < len(caches):
-                caches[li] = kept
-            else:
-                caches.append(kept)
+        if caches is None:
+            x = layer(x, cos, sin, mask)
+        else:
+            x, caches[li] = layer(x, cos, sin, mask, caches[li])
     return model.norm(x[:, -1])
 
 
@@ -74,7 +44,7 @@ def generate(model, images, ids, new_tokens, use_cache):
     text = model.embed_tokens(ids.masked_fill(is_img, 0))
     p = int(is_img.long().argmax(1)[0])
     embeds = torch.cat([text[:, :p], feats, text[:, p + 1:]], 1)
-    caches = [] if use_cache else None
+    caches = [(None, None)] * len(model.layers) if use_cache else None
     h = decoder(model, embeds, 0, caches)
     out = []
     for step in range(new_tokens):
@@ -109,6 +79,7 @@ def main():
     ids = load("input_ids.i64", np.int64, (B, T))
     n, cache = spec["new_tokens"], spec["use_cache"]
     train_ref.serve(lambda: generate(model, images, ids, n, cache))
+
 
 if __name__ == "__main__":
     main()

@@ -131,20 +131,27 @@ class LlamaLayer(nn.Module):
         self.up_proj = LoraLinear(d, c["intermediate_size"], t("up_proj"))
         self.down_proj = LoraLinear(c["intermediate_size"], d, t("down_proj"))
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, past=None):
+        """x: the new positions; past: the (keys, values) of earlier positions, or None. With past given, returns
+        (output, (keys, values)) so that generation can keep them (scripts/bench/eval_ref.py)."""
         b, n, _ = x.shape
         h = self.input_layernorm(x)
         q = self.q_proj(h).view(b, n, self.heads, self.hd).transpose(1, 2)
         k = self.k_proj(h).view(b, n, self.kv, self.hd).transpose(1, 2)
         v = self.v_proj(h).view(b, n, self.kv, self.hd).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if past is not None:
+            if past[0] is not None:
+                k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+            kept = (k, v)
         if self.kv != self.heads:
             k = k.repeat_interleave(self.heads // self.kv, 1)
             v = v.repeat_interleave(self.heads // self.kv, 1)
         a = attention(q, k, v, mask).transpose(1, 2).reshape(b, n, -1)
         x = x + self.o_proj(a)
         h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        out = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return out if past is None else (out, kept)
 
 
 class Llava(nn.Module):
@@ -165,6 +172,13 @@ class Llava(nn.Module):
         self.hd, self.theta = d // c["num_heads"], c["rope_theta"]
         self.image_token_id = spec["image_token_id"]
 
+    def rope(self, positions):
+        """positions [B, T] -> the rotary cos and sin, [B, 1, T, head_dim]."""
+        inv = 1.0 / (self.theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
+        ang = positions.float().unsqueeze(-1) * inv
+        ang = torch.cat([ang, ang], -1).unsqueeze(1)
+        return ang.cos(), ang.sin()
+
     def loss(self, images, ids, mask, labels):
         with torch.no_grad():
             feats = self.vision(images)
@@ -181,10 +195,7 @@ class Llava(nn.Module):
         lab = torch.cat([labels[:, :p], torch.full((b, n), -100, dtype=labels.dtype), labels[:, p + 1:]], 1)
         total = x.size(1)
         pos = (m.cumsum(1) - 1).clamp_min(0) * m
-        inv = 1.0 / (self.theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
-        ang = pos.float().unsqueeze(-1) * inv
-        ang = torch.cat([ang, ang], -1).unsqueeze(1)
-        cos, sin = ang.cos(), ang.sin()
+        cos, sin = self.rope(pos)
         ar = torch.arange(total)
         causal = ar.view(1, -1).le(ar.view(-1, 1)).view(1, 1, total, total)
         attn_mask = (causal & m.ne(0).view(b, 1, 1, total)) | ar.view(1, -1).eq(ar.view(-1, 1)).view(1, 1, total, total)
