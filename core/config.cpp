@@ -613,7 +613,7 @@ void check_pretrain(const RunConfig& c, Checker& ck) {
   ck.non_negative("pretrain.instruct_max_samples", pt.instruct_max_samples);
   ck.one_of("pretrain.contrast", pt.contrast, {"disjoint_labels", "own_dataset"});
   ck.non_negative("pretrain.pick_own_labels", pt.pick_own_labels);
-  ck.one_of("pretrain.attribute_noun", pt.attribute_noun, {"object", "thing"});
+  ck.in_range("pretrain.pick_unlisted", pt.pick_unlisted, 0, 100);
 }
 
 void check(const RunConfig& c, Problems& p) {

@@ -1,5 +1,6 @@
-// Deterministic synthetic classification sets drawn with OpenCV: shapes10 (10 shapes, any colour) and objects60
-// (6 colours x 10 shapes). Each image is a pure function of (generator, split, index, seed).
+// Deterministic synthetic classification sets drawn with OpenCV: shapes10 (10 shapes, any colour), objects60
+// (6 colours x 10 shapes) and letters (23 capital letters in four typefaces, the tiny base model's generic
+// pretraining images). Each image is a pure function of (generator, split, index, seed).
 #include <emt/core/dataset.h>
 #include <emt/core/error.h>
 #include <fmt/format.h>
@@ -21,6 +22,9 @@ const std::vector<std::string> kShapes = {"circle", "square", "triangle", "star"
 // Hue (OpenCV 0..180 scale) of each colour name in objects60.
 const std::vector<std::pair<std::string, int>> kColours = {{"red", 0},   {"orange", 14}, {"yellow", 28},
                                                            {"green", 60}, {"blue", 112},  {"purple", 142}};
+// Capital letters but A and I (English words, "a"/"I") and O (the digit 0).
+const std::vector<std::string> kLetters = {"B", "C", "D", "E", "F", "G", "H", "J", "K", "L", "M", "N",
+                                           "P", "Q", "R", "S", "T", "U", "V", "W", "X", "Y", "Z"};
 constexpr int kCanvas = 128;  // drawn at 4x and area-downsampled, so edges are antialiased
 constexpr int kOut = 32;
 
@@ -116,6 +120,26 @@ cv::Mat shape_mask(int shape, double cx, double cy, double r, double rot) {
   return m;
 }
 
+// Letter mask (255 inside) on the kCanvas grid: one of four typefaces and stroke weights, the glyph's height
+// 50-75% of the canvas, centred near (cx, cy) and tilted by `rot` radians.
+cv::Mat letter_mask(const std::string& letter, int font, int weight, double height, double cx, double cy, double rot) {
+  static const int kFonts[] = {cv::FONT_HERSHEY_SIMPLEX, cv::FONT_HERSHEY_DUPLEX, cv::FONT_HERSHEY_COMPLEX,
+                               cv::FONT_HERSHEY_TRIPLEX};
+  const int face = kFonts[font % 4];
+  int base = 0;
+  const cv::Size unit = cv::getTextSize(letter, face, 1.0, weight, &base);
+  const double scale = height / std::max(1, unit.height);
+  const cv::Size sz = cv::getTextSize(letter, face, scale, weight, &base);
+  cv::Mat m = cv::Mat::zeros(kCanvas, kCanvas, CV_8UC1);
+  cv::putText(m, letter, cv::Point(static_cast<int>(cx - sz.width / 2.0), static_cast<int>(cy + sz.height / 2.0)),
+              face, scale, cv::Scalar(255), weight, cv::LINE_AA);
+  cv::Mat rotated;
+  cv::warpAffine(m, rotated, cv::getRotationMatrix2D(cv::Point2f(static_cast<float>(cx), static_cast<float>(cy)),
+                                                     rot * 57.29577951308232, 1.0),
+                 m.size(), cv::INTER_LINEAR);
+  return rotated;
+}
+
 cv::Vec3b hsv_to_rgb(double h, double s, double v) {
   cv::Mat hsv(1, 1, CV_8UC3, cv::Scalar(std::fmod(h + 180.0, 180.0), s * 255, v * 255)), bgr;
   cv::cvtColor(hsv, bgr, cv::COLOR_HSV2RGB);
@@ -144,10 +168,12 @@ int generator_id(const std::string& g) {
 
 }  // namespace
 
-std::vector<std::string> synthetic_generators() { return {"shapes10", "objects60"}; }
+std::vector<std::string> synthetic_generators() { return {"shapes10", "objects60", "letters"}; }
 
 std::vector<std::string> synthetic_class_names(const std::string& generator) {
-  if (generator_id(generator) == 0) return kShapes;
+  const int gid = generator_id(generator);
+  if (gid == 0) return kShapes;
+  if (gid == 2) return kLetters;
   std::vector<std::string> names;
   for (auto& c : kColours)
     for (auto& s : kShapes) names.push_back(c.first + " " + s);
@@ -159,7 +185,7 @@ std::pair<torch::Tensor, int64_t> synthetic_sample(const std::string& generator,
   [[maybe_unused]] const int gid = generator_id(generator);
   require_drawing(generator);
 #ifdef EMT_WITH_OPENCV
-  const int64_t k = gid == 0 ? 10 : 60;
+  const int64_t k = gid == 0 ? 10 : gid == 1 ? 60 : static_cast<int64_t>(kLetters.size());
   const int64_t label = index % k;  // balanced by construction
   Rng rng{mix_seed(mix_seed(mix_seed(seed, gid), split == Split::train ? 11 : 23), static_cast<uint64_t>(index))};
   const int shape = static_cast<int>(gid == 0 ? label : label % 10);
@@ -190,13 +216,15 @@ std::pair<torch::Tensor, int64_t> synthetic_sample(const std::string& generator,
   const double cx = rng.uniform(std::min(lo, hi), std::max(lo, hi)), cy = rng.uniform(std::min(lo, hi), std::max(lo, hi));
   const double rot = rng.uniform(-0.5, 0.5);  // a tilt of up to ~29 degrees either way
   cv::Vec3b col;
-  if (gid == 0) {
+  if (gid != 1) {
     col = hsv_to_rgb(rng.uniform(0, 180), rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0));
   } else {
     const int hue = kColours[label / 10].second;
     col = hsv_to_rgb(hue + rng.uniform(-5, 5), rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0));
   }
-  cv::Mat mask = shape_mask(shape, cx, cy, r, rot);
+  cv::Mat mask = gid == 2 ? letter_mask(kLetters[static_cast<size_t>(label)], rng.integer(4), 7 + rng.integer(6),
+                                        r * rng.uniform(1.45, 1.7), cx, cy, rot * 0.6)
+                          : shape_mask(shape, cx, cy, r, rot);
   for (int y = 0; y < kCanvas; ++y)
     for (int x = 0; x < kCanvas; ++x) {
       const double a = mask.at<uint8_t>(y, x) / 255.0;
@@ -248,10 +276,13 @@ class SyntheticDataset : public ImageDataset {
 
 }  // namespace
 
-std::shared_ptr<ImageDataset> open_synthetic_dataset(const std::string& generator, Split split, uint64_t seed) {
+std::shared_ptr<ImageDataset> open_synthetic_dataset(const std::string& generator, Split split, uint64_t seed,
+                                                     int64_t size) {
   generator_id(generator);
   require_drawing(generator);
-  return std::make_shared<SyntheticDataset>(generator, split, split == Split::train ? 5000 : 1000, seed);
+  if (size < 0) throw ConfigError(fmt::format("[data] synthetic set '{}': size {} is negative", generator, size));
+  return std::make_shared<SyntheticDataset>(generator, split, size > 0 ? size : split == Split::train ? 5000 : 1000,
+                                            seed);
 }
 
 }  // namespace emt

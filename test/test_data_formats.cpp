@@ -388,7 +388,7 @@ TEST_CASE("open_dataset validates format, class_names and test_fraction", "[data
   cfg.class_names = {"a", "b"};
   CHECK_THAT(data_error_of([&] { emt::open_dataset("s", cfg, "", Split::test, 0); }), Catch::Contains("2 names"));
   CHECK_THAT(data_error_of([&] { emt::open_dataset("s", fmt_cfg("synthetic", "blobs"), "", Split::test, 0); }),
-             Catch::Contains("shapes10, objects60"));
+             Catch::Contains("shapes10, objects60, letters"));
 }
 
 TEST_CASE("synthetic sets are deterministic, balanced and varied", "[data]") {
@@ -412,6 +412,20 @@ TEST_CASE("synthetic sets are deterministic, balanced and varied", "[data]") {
   auto ds = emt::open_synthetic_dataset("shapes10", Split::train);
   CHECK(ds->size() == 5000);
   CHECK(ds->class_counts() == std::vector<int64_t>(10, 500));
+  // letters: 23 capitals (no A, I or O), one glyph on the same kind of background; the size is the caller's
+  auto letters = emt::synthetic_class_names("letters");
+  REQUIRE(letters.size() == 23);
+  CHECK(letters.front() == "B");
+  for (const char* gone : {"A", "I", "O"}) CHECK(std::find(letters.begin(), letters.end(), gone) == letters.end());
+  auto [l0, ll0] = emt::synthetic_sample("letters", Split::train, 5);
+  CHECK(ll0 == 5);
+  CHECK(torch::equal(l0, emt::synthetic_sample("letters", Split::train, 5).first));
+  CHECK((l0.to(torch::kFloat) - emt::synthetic_sample("letters", Split::train, 28).first.to(torch::kFloat))
+            .abs().mean().item<float>() > 10.0f);
+  auto lds = emt::open_synthetic_dataset("letters", Split::train, 0, 46);
+  CHECK(lds->size() == 46);
+  CHECK(lds->class_counts() == std::vector<int64_t>(23, 2));
+  CHECK_THROWS_AS(emt::open_synthetic_dataset("letters", Split::train, 0, -1), emt::ConfigError);
 }
 
 TEST_CASE("CLIP preprocessing matches the independent golden reference within 1/255", "[data]") {

@@ -62,13 +62,14 @@ RunConfig world_config(const std::string& dir) {
   tools.prompt = "Which tool is shown? Reply with one of {labels}.";
   tools.answer = "This tool is a {label}.";
   cfg.data.datasets["tools"] = tools;
-  cfg.pretrain.train_max_samples = 60;
+  cfg.pretrain.train_max_samples = 60;  // and as many letters
   return cfg;
 }
 
 std::vector<std::pair<std::string, std::vector<std::string>>> class_lists(const std::vector<PretrainSource>& srcs) {
   std::vector<std::pair<std::string, std::vector<std::string>>> out;
-  for (const auto& s : srcs) out.emplace_back(s.name, s.train->class_names());
+  for (const auto& s : srcs)
+    if (!s.generic) out.emplace_back(s.name, s.train->class_names());  // the study's lists, not the letters
   return out;
 }
 
@@ -146,9 +147,19 @@ TEST_CASE("instruction sets are deterministic, mix every kind, and composites sh
     // the answer word: without a sentence frame ("The answer is ...") and the final "."
     std::string answer = t.second.substr(0, t.second.size() - 1);
     for (const char* frame : {"The answer is ", "The colour is ", "The position is ", "The count is ",
-                              "The size is ", "It is an ", "It is a ", "The object in the picture is an ",
-                              "The object in the picture is a "})
+                              "The size is ", "It is an ", "It is a "})
       if (answer.rfind(frame, 0) == 0) answer = answer.substr(std::string(frame).size());
+    // One answer form per question shape: naming questions (listed or open) answer "It is a(n) ...", attribute
+    // questions a sentence naming the attribute, mixed lists "The answer is ..."; only naming opens with "What is".
+    const InstructionKind k = set.kind(i);
+    const bool naming = k == InstructionKind::short_answer || k == InstructionKind::pick;
+    CHECK(naming == (t.second.rfind("It is a", 0) == 0));
+    CHECK((t.first.rfind("What is", 0) == 0) <= naming);
+    if (k == InstructionKind::colour) CHECK(t.second.rfind("The colour is ", 0) == 0);
+    if (k == InstructionKind::position) CHECK(t.second.rfind("The position is ", 0) == 0);
+    if (k == InstructionKind::count) CHECK(t.second.rfind("The count is ", 0) == 0);
+    if (k == InstructionKind::size) CHECK(t.second.rfind("The size is ", 0) == 0);
+    if (k == InstructionKind::choice) CHECK(t.second.rfind("The answer is ", 0) == 0);
     if (set.kind(i) == InstructionKind::count) {
       const int n = which(counts, answer);
       REQUIRE(n >= 0);
@@ -213,7 +224,8 @@ TEST_CASE("no pretraining text contains a study prompt or answer (built-in datas
   const std::string dir = emt_test::scratch_dir("pretrain_texts");
   RunConfig cfg = world_config(dir);
   const auto srcs = pretrain_sources(cfg);
-  REQUIRE(srcs.size() == 5);
+  REQUIRE(srcs.size() == 6);  // five study datasets and the rendered letters
+  CHECK(srcs.back().generic);
   const auto forbidden = study_texts(cfg, class_lists(srcs));
   // What is forbidden includes each EMT question, the fine-tuning question and answers, the custom dataset's texts.
   auto has = [&](const std::string& s) { return std::find(forbidden.begin(), forbidden.end(), s) != forbidden.end(); };
@@ -241,7 +253,7 @@ TEST_CASE("no pretraining text contains a study prompt or answer (built-in datas
       CHECK(named);
     }
   }
-  CHECK(samples == 2 * 5 * 60);
+  CHECK(samples == 2 * 6 * 60);
 
   SECTION("the check catches a leak") {
     // An instruction set that asks the EMT question (what the old recipe did) is reported.
@@ -289,7 +301,7 @@ TEST_CASE("no pretraining text contains a study prompt or answer (built-in datas
 TEST_CASE("pretrain: the recipe text holds what shapes the base model and nothing else", "[pretrain]") {
   const emt::RunConfig cfg = emt::load_config_string("data: {datasets: {d: {format: idx, path: d}}}\n");
   const std::string recipe = emt::pretrain_recipe(cfg);
-  CHECK_THAT(recipe, Catch::Contains("recipe_version: 5") && Catch::Contains("clip_steps") &&
+  CHECK_THAT(recipe, Catch::Contains("recipe_version: 6") && Catch::Contains("clip_steps") &&
                          Catch::Contains("hidden_size") && Catch::Contains("question"));
   CHECK_THAT(recipe, !Catch::Contains("mitigation") && !Catch::Contains("learning_rate_by_method") &&
                          !Catch::Contains("cache_dir") && !Catch::Contains("max_new_tokens"));
@@ -387,6 +399,7 @@ TEST_CASE("pretrain: pick_own_labels puts that many other labels of the image's 
     for (size_t k = 0; k < sets.size(); ++k) {
       const auto* set = dynamic_cast<const InstructionDataset*>(sets[k].get());
       REQUIRE(set != nullptr);
+      if (srcs[k].generic) continue;  // the letters list their own kind by design (next test)
       const auto& names = set->class_names();
       for (int64_t i = 0; i < set->size(); ++i) {
         if (set->kind(i) != InstructionKind::pick) continue;
@@ -414,42 +427,89 @@ TEST_CASE("pretrain: pick_own_labels puts that many other labels of the image's 
 }
 
 
-TEST_CASE("pretrain: attribute_noun 'thing' keeps 'object' out of every attribute question", "[pretrain]") {
-  const std::string dir = emt_test::scratch_dir("pretrain_attribute_noun");
+TEST_CASE("pretrain: the rendered letters join the pool as generic data whose pick lists offer their own kind",
+          "[pretrain]") {
+  const std::string dir = emt_test::scratch_dir("pretrain_letters");
   RunConfig cfg = world_config(dir);
   const auto srcs = pretrain_sources(cfg);
-  auto attribute = [](InstructionKind k) {
-    return k == InstructionKind::colour || k == InstructionKind::position || k == InstructionKind::count ||
-           k == InstructionKind::size;
+  const auto& letters = srcs.back();
+  REQUIRE(letters.name == kGenericLetters);
+  CHECK(letters.generic);
+  CHECK(letters.train->size() == 60);
+  CHECK(letters.train->class_names() == synthetic_class_names("letters"));
+  for (const auto& s : srcs)
+    if (&s != &letters) CHECK(!s.generic);
+
+  const auto sets = pretrain_language_sets(cfg, srcs, false);  // the leak check runs in here and passes
+  const auto names = letters.train->class_names();
+  auto listed_letters = [&](const std::string& q) {
+    int64_t n = 0;
+    for (const auto& c : names)
+      for (const char* pre : {", ", ": ", " in "})
+        for (const char* post : {",", "."}) n += q.find(pre + c + post) != std::string::npos;
+    return n;
   };
-  for (const std::string noun : {"object", "thing"}) {
-    INFO(noun);
-    cfg.pretrain.attribute_noun = noun;
-    const auto sets = pretrain_language_sets(cfg, srcs, false);
-    int64_t with_object = 0, with_thing = 0, other_object = 0;
-    for (size_t k = 0; k < sets.size(); ++k) {
-      const auto* set = dynamic_cast<const InstructionDataset*>(sets[k].get());
-      REQUIRE(set != nullptr);
-      if (srcs[k].digits) continue;  // digits are asked about "the digit" either way
-      for (int64_t i = 0; i < set->size(); ++i) {
-        const std::string q = set->text(i).first;
-        if (attribute(set->kind(i))) {
-          with_object += q.find("object") != std::string::npos;
-          with_thing += q.find(" thing") != std::string::npos;
-        } else if (set->kind(i) == InstructionKind::pick) {
-          other_object += q.find("single object in") != std::string::npos;
-        }
+  int64_t picks = 0;
+  for (size_t k = 0; k < sets.size(); ++k) {
+    const auto* set = dynamic_cast<const InstructionDataset*>(sets[k].get());
+    REQUIRE(set != nullptr);
+    for (int64_t i = 0; i < set->size(); ++i) {
+      if (set->kind(i) != InstructionKind::pick) continue;
+      const auto [q, a] = set->text(i);
+      INFO(q << " -> " << a);
+      if (srcs[k].generic) {
+        // the true letter and at least two other letters: answerable only by looking at the image
+        const std::string& own = names[static_cast<size_t>(set->label(i))];
+        CHECK((a == "It is a " + own + "." || a == "It is an " + own + "."));
+        CHECK(listed_letters(q) >= 3);
+        ++picks;
+      } else {
+        CHECK(listed_letters(q) == 0);  // a study image's list never offers a letter
       }
     }
-    if (noun == "object") {
-      CHECK(with_object > 0);
-    } else {
-      CHECK(with_object == 0);
-      CHECK(with_thing > 0);
-    }
-    CHECK(other_object > 0);  // the pick lists keep their wording
   }
-  cfg.pretrain.attribute_noun = "item";
+  CHECK(picks > 3);
+
+  cfg.pretrain.letters = false;
+  for (const auto& s : pretrain_sources(cfg)) CHECK(s.name != kGenericLetters);
+  cfg.pretrain.letters = true;
+  cfg.data.datasets[kGenericLetters] = cfg.data.datasets.at("tools");
+  CHECK_THROWS_WITH(pretrain_sources(cfg), Catch::Contains("data.datasets.generic-letters") &&
+                                               Catch::Contains("pretrain.letters"));
+}
+
+TEST_CASE("pretrain: pick_unlisted leaves the true name out of that share of pick lists, answered all the same",
+          "[pretrain]") {
+  const std::string dir = emt_test::scratch_dir("pretrain_unlisted");
+  RunConfig cfg = world_config(dir);
+  const auto srcs = pretrain_sources(cfg);
+  for (int64_t pct : {0, 25, 100}) {
+    INFO("pick_unlisted = " << pct);
+    cfg.pretrain.pick_unlisted = pct;
+    const auto sets = pretrain_language_sets(cfg, srcs, false);
+    int64_t picks = 0, unlisted = 0;
+    for (const auto& set_ptr : sets) {
+      const auto* set = dynamic_cast<const InstructionDataset*>(set_ptr.get());
+      REQUIRE(set != nullptr);
+      for (int64_t i = 0; i < set->size(); ++i) {
+        if (set->kind(i) != InstructionKind::pick) continue;
+        const auto [q, a] = set->text(i);
+        const std::string& own = set->class_names()[static_cast<size_t>(set->label(i))];
+        INFO(q << " -> " << a);
+        CHECK(a.find(" " + own + ".") != std::string::npos);  // the answer names the image either way
+        bool listed = false;
+        for (const char* pre : {", ", ": ", " in "})
+          for (const char* post : {",", "."}) listed = listed || q.find(pre + own + post) != std::string::npos;
+        ++picks;
+        unlisted += !listed;
+      }
+    }
+    REQUIRE(picks > 20);
+    if (pct == 0) CHECK(unlisted == 0);
+    if (pct == 100) CHECK(unlisted == picks);
+    if (pct == 25) CHECK((unlisted > picks / 10 && unlisted < picks / 2));
+  }
+  cfg.pretrain.pick_unlisted = 101;
   CHECK_THROWS_AS(validate_config(cfg), ConfigError);
 }
 

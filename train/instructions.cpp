@@ -158,15 +158,17 @@ Fact attribute_fact(InstructionKind k, const std::string& colour, Draw& d) {
 }
 
 std::string attribute_lead(InstructionKind k, bool first, const std::string& thing, const std::string& things) {
+  // Each lead opens with what it asks (colour, where, how many, how big); none opens with "What is", which is
+  // the naming questions' opening.
   switch (k) {
     case InstructionKind::colour:
-      return first ? "What colour is the " + thing + " in the picture?" : "Which colour does the " + thing + " have?";
+      return first ? "What colour does the " + thing + " have?" : "Which colour is the " + thing + " drawn in?";
     case InstructionKind::position:
-      return first ? "Where is the " + thing + " in the picture?" : "In which part of the picture is the " + thing + "?";
+      return first ? "Where in the picture is the " + thing + "?" : "In which part of the picture is the " + thing + "?";
     case InstructionKind::count:
-      return first ? "How many " + things + " are in the picture?" : "Count the " + things + " in the picture.";
+      return first ? "How many " + things + " does the picture hold?" : "Count the " + things + " in the picture.";
     default:
-      return first ? "How big is the " + thing + " in the picture?" : "What size is the " + thing + " in the picture?";
+      return first ? "How big is the " + thing + " drawn?" : "What size does the " + thing + " have?";
   }
 }
 
@@ -287,7 +289,7 @@ struct InstructionDataset::Planner {
   Draw& d;
   Plan& p;
   bool dig;
-  std::string thing, things;
+  std::string thing, things;  // the attribute questions' noun: "digit" or "figure", never the study's "object"
 
   std::string named(const std::string& x) const { return dig ? "the digit " + x : article(x) + " " + x; }
 
@@ -302,22 +304,33 @@ struct InstructionDataset::Planner {
                                                      "This is a picture of " + named(label) + "."});
   }
 
-  // short_answer and pick: the same leads with and without an option list, answered alike: a list is a
-  // constraint on the answer, not another task. "pick" offers the image's own name among things it is not:
-  // everyday nouns no study uses and at most one label of each other dataset; never two labels of one dataset,
-  // so no study's list, or part of one, is ever practised (unless pretrain.pick_own_labels asks for that).
+  // short_answer and pick: the same leads with and without an option list, answered in one form ("It is a
+  // kite."): every naming question, listed or open, has one way to be answered, and a list only constrains the
+  // word. Naming leads, and only they, open with "What is". "pick" offers the image's own name among things it
+  // is not: everyday nouns no study uses and at most one label of each other dataset; never two labels of one
+  // dataset, so no study's list, or part of one, is ever practised (unless pretrain.pick_own_labels asks for
+  // that). A generic pool (same_kind_lists: the rendered letters) offers its own other labels instead, sometimes
+  // with everyday nouns, so its lists can only be answered by looking at the image. Lists run from 3 to 21
+  // options, as long as the study's ten-label lists and longer.
   void naming() {
     const int64_t li = d.below(4);
     const std::string lead =
-        dig ? std::vector<std::string>{"Which digit is written here?", "What number does the picture show?",
-                                       "Which number is written here?", "Read the handwritten digit."}[li]
-            : std::vector<std::string>{"What does the picture show?", "What can you see in the image?",
-                                       "Which thing is in the picture?", "Name the thing in the picture."}[li];
+        dig ? std::vector<std::string>{"What is the digit in this picture?", "What is written in the picture?",
+                                       "Which digit is written here?", "Read the handwritten digit."}[li]
+            : std::vector<std::string>{"What is the thing in this picture?", "What is shown in the picture?",
+                                       "What can you see in the image?", "Name the thing in the picture."}[li];
     if (p.kind == InstructionKind::pick) {
-      std::vector<std::string> others = ds.opts_.distractors;
+      std::vector<std::string> others;
+      if (ds.opts_.same_kind_lists) {
+        for (const auto& n : ds.class_names())
+          if (n != label) others.push_back(n);
+        if (d.below(3) == 0) others.insert(others.end(), ds.opts_.distractors.begin(), ds.opts_.distractors.end());
+      } else {
+        others = ds.opts_.distractors;
+      }
       for (const auto& list : ds.opts_.other_labels)
         if (!list.empty() && d.below(3) == 0) others.push_back(d.pick(list));
-      auto opts = options(d, label, others, 2 + d.below(7));
+      auto opts = options(d, label, others, 2 + d.below(19));
       if (ds.opts_.own_labels > 0) {  // an experiment (pretrain.pick_own_labels): same-dataset distractors
         std::vector<std::string> own;
         for (const auto& n : ds.class_names())
@@ -329,15 +342,14 @@ struct InstructionDataset::Planner {
                                                                                 static_cast<int64_t>(own.size())}))));
         for (const auto& n : own) opts.insert(opts.begin() + d.below(static_cast<int64_t>(opts.size()) + 1), n);
       }
-      p.question = choice_question(d, lead, thing, opts);
+      // an experiment (pretrain.pick_unlisted): the true name left out, answered all the same
+      if (ds.opts_.unlisted_percent > 0 && d.below(100) < ds.opts_.unlisted_percent && opts.size() > 2)
+        opts.erase(std::find(opts.begin(), opts.end(), label));
+      p.question = choice_question(d, lead, dig ? "digit" : "object", opts);
     } else {
       p.question = lead;
     }
-    // Each lead has its own answer form, with or without a list: the question, not the list, sets the form.
-    const std::string named_label = dig ? label : named(label);
-    p.answer = std::vector<std::string>{label + ".", "It is " + (dig ? "the digit " + label : named_label) + ".",
-                                        "The " + thing + " in the picture is " + named_label + ".",
-                                        "The answer is " + label + "."}[li];
+    p.answer = "It is " + article(label) + " " + label + ".";
   }
 
   void yes_no() {
@@ -354,16 +366,13 @@ struct InstructionDataset::Planner {
     p.answer = d.below(2) == 0 ? (yes ? "Yes." : "No.") : (yes ? "Yes, it is." : "No, it is not.");
   }
 
-  // colour, position, count, size: an open question or a list of that attribute's words.
+  // colour, position, count, size: an open question or a list of that attribute's words, answered in one
+  // sentence that names the attribute ("The colour is bluish."), never the bare word.
   void attribute() {
     Fact f = attribute_fact(p.kind, colour_words()[ds.colour_[static_cast<size_t>(i)]], d);
     p.cells = f.cells;
-    const bool first = d.below(2) == 0;  // the first lead is answered with the word, the second in a sentence
-    // pretrain.attribute_noun: "thing" keeps the study's word "object" out of every attribute question (an
-    // experiment: the EMT lead "What is the object in the image?" resembles "What colour is the object ...").
-    const bool plain = !dig && ds.opts_.attribute_noun == "thing";
-    const std::string lead = attribute_lead(p.kind, first, plain ? "thing" : thing, plain ? "things" : things);
-    auto form = [&](const std::string& w) { return first ? w + "." : "The " + f.kind_word + " is " + w + "."; };
+    const std::string lead = attribute_lead(p.kind, d.below(2) == 0, thing, things);
+    auto form = [&](const std::string& w) { return "The " + f.kind_word + " is " + w + "."; };
     if (d.below(10) < 3) {  // an open question, answered with the plain word
       p.question = lead;
       p.answer = form(f.word);
@@ -397,7 +406,7 @@ struct InstructionDataset::Planner {
     auto opts = options(d, f.word, vocab, 3 + d.below(7));
     const std::string word = render_options(d, opts, f.word);
     const int64_t li = d.below(4);
-    p.answer = li % 2 == 0 ? word + "." : "The answer is " + word + ".";
+    p.answer = "The answer is " + word + ".";
     const std::string lead = std::vector<std::string>{
         "Which of these words fits the picture?", "Pick the word that matches the image.",
         "Which option describes the picture?", "Look at the image and choose the right word."}[li];
@@ -416,7 +425,7 @@ InstructionDataset::Plan InstructionDataset::plan(int64_t i) const {
   Plan p;
   p.kind = kind(i);
   const bool dig = opts_.digits;
-  Planner w{*this, i, c, label, d, p, dig, dig ? "digit" : "object", dig ? "digits" : "objects"};
+  Planner w{*this, i, c, label, d, p, dig, dig ? "digit" : "figure", dig ? "digits" : "figures"};
   switch (p.kind) {
     case InstructionKind::caption: w.caption(); break;
     case InstructionKind::short_answer:

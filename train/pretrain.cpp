@@ -251,7 +251,7 @@ std::string pretrain_recipe(const RunConfig& cfg) {
   // leaves every cached base valid.
   const YAML::Node all = YAML::Load(config_to_yaml(r));
   YAML::Node keep(YAML::NodeType::Map);
-  keep["recipe_version"] = 5;
+  keep["recipe_version"] = 6;
   keep["run"]["seed"] = all["run"]["seed"];
   keep["run"]["dtype"] = all["run"]["dtype"];
   keep["model"] = all["model"];
@@ -271,6 +271,16 @@ std::vector<PretrainSource> pretrain_sources(const RunConfig& cfg) {
     for (const auto& [n, _] : cfg.data.datasets) names.push_back(n);
   if (names.empty()) throw ConfigError("[pretrain] data.datasets is empty: nothing to pretrain on");
   const uint64_t seed = static_cast<uint64_t>(cfg.run.seed);
+  // What the language stages show the LLM: pretrain.instruct_max_samples of the contrastive pool (0 = all).
+  auto set_language = [&](PretrainSource& s) {
+    s.language = s.train;
+    if (cfg.pretrain.instruct_max_samples > 0 && cfg.pretrain.instruct_max_samples < s.train->size()) {
+      s.language = subset(s.train, choose_subset(*s.train, cfg.pretrain.instruct_max_samples, true,
+                                                 mix_seed(seed, 0x4C4C4D)));
+      s.language->set_name(s.name);
+      s.language->set_class_names(s.train->class_names());
+    }
+  };
   std::vector<PretrainSource> out;
   for (const auto& n : names) {
     auto it = cfg.data.datasets.find(n);
@@ -282,14 +292,22 @@ std::vector<PretrainSource> pretrain_sources(const RunConfig& cfg) {
     s.train = subset(full, choose_subset(*full, cfg.pretrain.train_max_samples, true, seed));
     s.train->set_name(n);
     s.train->set_class_names(full->class_names());
-    s.language = s.train;
-    if (cfg.pretrain.instruct_max_samples > 0 && cfg.pretrain.instruct_max_samples < s.train->size()) {
-      s.language = subset(s.train, choose_subset(*s.train, cfg.pretrain.instruct_max_samples, true,
-                                                 mix_seed(seed, 0x4C4C4D)));
-      s.language->set_name(n);
-      s.language->set_class_names(full->class_names());
-    }
+    set_language(s);
     s.digits = is_digit_dataset(it->second, full->class_names());
+    out.push_back(std::move(s));
+  }
+  if (cfg.pretrain.letters) {
+    if (cfg.data.datasets.count(kGenericLetters))
+      throw ConfigError(fmt::format("[pretrain] data.datasets.{}: that name belongs to the recipe's rendered letters "
+                                    "(pretrain.letters); rename the dataset or set pretrain.letters: false",
+                                    kGenericLetters));
+    PretrainSource s;
+    s.name = kGenericLetters;
+    s.generic = true;
+    s.train = open_synthetic_dataset("letters", Split::train, mix_seed(seed, 0x1E77E5),
+                                     cfg.pretrain.train_max_samples);
+    s.train->set_name(s.name);
+    set_language(s);
     out.push_back(std::move(s));
   }
   return out;
@@ -306,7 +324,8 @@ std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfi
     if (pooled) continue;
     names.emplace_back(n, open_dataset_full(n, d, cfg.data.root, Split::test)->class_names());
   }
-  for (const auto& s : srcs) names.emplace_back(s.name, s.train->class_names());
+  for (const auto& s : srcs)
+    if (!s.generic) names.emplace_back(s.name, s.train->class_names());
   const auto forbidden = study_texts(cfg, names);
   // Everyday nouns that no dataset uses as a label (by its normalised words).
   std::vector<std::string> nouns;
@@ -320,12 +339,13 @@ std::vector<std::shared_ptr<ImageDataset>> pretrain_language_sets(const RunConfi
     InstructionOptions io;
     io.captions_only = captions_only;
     io.digits = srcs[k].digits;
+    io.same_kind_lists = srcs[k].generic;
     io.seed = mix_seed(static_cast<uint64_t>(cfg.run.seed), k);
     io.distractors = nouns;
     io.own_labels = cfg.pretrain.pick_own_labels;
-    io.attribute_noun = cfg.pretrain.attribute_noun;
+    io.unlisted_percent = cfg.pretrain.pick_unlisted;
     for (size_t o = 0; o < srcs.size(); ++o)
-      if (o != k) io.other_labels.push_back(srcs[o].train->class_names());
+      if (o != k && !srcs[o].generic && !srcs[k].generic) io.other_labels.push_back(srcs[o].train->class_names());
     return io;
   };
   // The words of the language (what the tokenizer is trained on): the generic texts, the CLIP captions and the
@@ -380,6 +400,10 @@ std::shared_ptr<Tokenizer> train_tokenizer(const RunConfig& cfg, const std::vect
       lines.push_back(a);
     }
   for (const auto& s : srcs) {
+    if (s.generic) {
+      for (const auto& c : s.train->class_names()) lines.push_back("a photo of a " + c + ".");
+      continue;
+    }
     const auto& dc = cfg.data.datasets.at(s.name);
     lines.push_back(render_prompt(cfg.model.conversation, cfg.model.system_prompt,
                                   dataset_question(s.name, dc, s.train->class_names())));

@@ -386,7 +386,8 @@ struct PretrainSection {
   int64_t instruct_max_samples = 0;  // per dataset, drawn from those; 0 = all of them
   std::string contrast = "own_dataset";  // or "disjoint_labels": which captions an image competes with in stage a
   int64_t pick_own_labels = 0;  // an experiment: same-dataset distractors in every "pick" list
-  std::string attribute_noun = "object";  // an experiment: or "thing"
+  bool letters = true;          // rendered letters in the pool (generic data, never a study's)
+  int64_t pick_unlisted = 0;    // an experiment: percent of "pick" lists without the true name
 
   template <class V> void visit(V& v) {
     v("cache_dir", cache_dir, "where the tiny base model is written and reused");
@@ -408,10 +409,14 @@ struct PretrainSection {
       "an experiment, 0 by default: each 'pick' list of stage c also offers this many other labels of the image's "
       "own dataset, so the LLM practises choosing among labels of one dataset (part of a study's list; "
       "docs/findings.md)");
-    v("attribute_noun", attribute_noun,
-      "an experiment: the noun of stage c's attribute questions about non-digit images, 'object' (the default: "
-      "'What colour is the object in the picture?') or 'thing', which leaves the study's word 'object' to the "
-      "pick lists and answers (docs/findings.md)");
+    v("letters", letters,
+      "add rendered capital letters (the synthetic 'letters' set, as many images as train_max_samples, or 5000 "
+      "when that is 0) to the pool of every stage as generic data: their 'pick' lists offer other letters, so the "
+      "LLM practises choosing among options of one kind by looking at the image without practising any study's "
+      "labels");
+    v("pick_unlisted", pick_unlisted,
+      "an experiment, 0 by default: the percent of stage c's 'pick' lists that leave the image's own name out, "
+      "answered with that name all the same, so that a list only suggests words (0-100; docs/findings.md)");
   }
 };
 

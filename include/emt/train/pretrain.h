@@ -55,8 +55,11 @@ struct PretrainSource {
   std::shared_ptr<ImageDataset> train;     // what the contrastive stage sees
   std::shared_ptr<ImageDataset> language;  // what the language stages show the LLM: a subset of train
   bool digits = false;
+  bool generic = false;  // generic data of the recipe (pretrain.letters), not a study dataset
 };
-// pretrain.datasets (empty = every dataset of data.datasets), opened.
+// The name of the rendered-letters source (pretrain.letters); no data.datasets entry may use it.
+inline constexpr const char* kGenericLetters = "generic-letters";
+// pretrain.datasets (empty = every dataset of data.datasets), opened, then the generic letters.
 std::vector<PretrainSource> pretrain_sources(const RunConfig& cfg);
 // What the language stages feed the LLM, one instruction set per source: captions only (stage b) or every
 // generic kind (stage c). ConfigError when any sample contains a study text (study_texts over data.datasets).
