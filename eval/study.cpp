@@ -9,8 +9,11 @@
 #include <emt/train/finetune.h>
 #include <emt/train/mitigation.h>
 #include <emt/train/pretrain.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -29,6 +32,27 @@ std::string study_cell_name(const std::string& dataset, const std::string& metho
 }
 
 namespace {
+
+// What identifies a study's base model: its small descriptive files (recipe.yaml, pretrain_report.json, which a
+// rebuild always rewrites, config.json) and the names and sizes of its weight files, as an FNV-1a hash. A
+// 7B checkpoint is not read; a rebuilt tiny base is another base even when its recipe is the same.
+std::string base_identity(const std::string& dir) {
+  uint64_t h = 1469598103934665603ull;
+  auto eat = [&](const std::string& bytes) {
+    for (unsigned char c : bytes) h = (h ^ c) * 1099511628211ull;
+  };
+  for (const char* f : {"recipe.yaml", "pretrain_report.json", "config.json"}) {
+    eat(f);
+    if (fs::exists(fs::path(dir) / f)) eat(read_file((fs::path(dir) / f).string()));
+  }
+  std::vector<std::string> weights;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().extension() == ".safetensors" || e.path().extension() == ".bin")
+      weights.push_back(e.path().filename().string() + ":" + std::to_string(e.file_size()));
+  std::sort(weights.begin(), weights.end());
+  for (const auto& w : weights) eat(w);
+  return fmt::format("{:016x}", h);
+}
 
 // Rows already in results.jsonl (a torn last line from a killed process is ignored with a warning).
 std::set<std::string> done_keys(const std::string& path) {
@@ -75,6 +99,7 @@ class Study {
       if (comm_) comm_->barrier();
       preempted_check("the base model is built");
     }
+    check_base_identity();
     done_ = done_keys(results_path_);
     if (comm_) comm_->barrier();  // every rank has read the rows before rank 0 appends any
     if (main()) writer_ = std::make_unique<JsonlWriter>(results_path_);
@@ -217,6 +242,27 @@ class Study {
              std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count());
   }
 
+  // Rows of a run directory are only reused with the base they were computed on: a study rerun after the base
+  // was rebuilt (a new recipe, --force) or replaced is refused rather than mixing two bases' results.
+  void check_base_identity() {
+    const std::string dir = base_model_dir(cfg_), id = base_identity(dir), path = run_dir_ + "/base.json";
+    if (fs::exists(path)) {
+      const auto j = nlohmann::json::parse(read_file(path), nullptr, false);
+      const std::string had = j.is_object() ? j.value("identity", std::string()) : std::string();
+      if (had != id)
+        throw ConfigError(fmt::format(
+            "[study] {}: its results were computed on another base model than {} holds now (identity {} in "
+            "base.json, {} now: the base was rebuilt or replaced); choose another run.name, or remove {} to "
+            "compute the study again", run_dir_, dir, had.empty() ? "unreadable" : had, id, run_dir_));
+      return;
+    }
+    if (fs::exists(results_path_) && !done_keys(results_path_).empty())
+      log_warn("[study] {} holds results but no base.json (written before base identities were recorded): they "
+               "are reused as they are, assumed to come from the base in {}", run_dir_, dir);
+    if (main())
+      write_file_atomic(path, nlohmann::json{{"base_dir", dir}, {"identity", id}}.dump(2) + "\n");
+  }
+
   RunConfig cell_config(const std::string& ft, const std::string& method, int64_t seed) const {
     RunConfig c = cfg_;
     c.finetune.dataset = ft;
@@ -252,7 +298,7 @@ class Study {
       std::string ck = cell_dir + "/epoch_" + std::to_string(e);
       if (epoch_done(ft, method, seed, e) || !fs::exists(ck + "/trainable.safetensors")) continue;
       log_info("[study] {}: scoring epoch {} from its checkpoint (its evaluation was interrupted)", name, e);
-      BaseModel b = load_base_model(c);
+      BaseModel b = load_base_model(cfg_);  // the study's base: its recipe is the study's, not the cell's seed
       std::unique_ptr<BaseView> view = wise_ft ? std::make_unique<BaseView>(*b.model) : nullptr;
       auto setup = apply_method(*b.model, c.finetune, b.tokenizer.get());
       load_scored_weights(*b.model, setup, method, ck + "/trainable.safetensors");
@@ -266,7 +312,7 @@ class Study {
     if (all) return;
 
     seed_everything(static_cast<uint64_t>(seed));
-    BaseModel base = load_base_model(c);
+    BaseModel base = load_base_model(cfg_);  // as above: a cell's seed is a fine-tuning seed
     std::unique_ptr<BaseView> view = wise_ft ? std::make_unique<BaseView>(*base.model) : nullptr;  // before training
     FinetuneOptions fo;
     fo.run_dir = cell_dir;

@@ -180,6 +180,41 @@ TEST_CASE("e2e: SIGTERM checkpoints and exits 75; --resume finishes", "[e2e][slo
   CHECK(fs::exists(w.dir + "/runs/preempted/epoch_2"));
 }
 
+TEST_CASE("e2e: a study's cells fine-tune the study's base whatever their seed, without a recipe warning",
+          "[e2e][slow]") {
+  const auto& w = tiny_world();
+  // run.seed 0 built the base; the cell's seed 3 is a fine-tuning seed, not another recipe
+  auto r = emt_test::run_cli("study " + w.config + " run.name=seeded --no-report study.finetune_datasets=[quad]"
+                             " study.methods=[lora] study.seeds=[3] study.epochs=1");
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("another recipe") == std::string::npos);  // warnings reach the output (see the score test)
+  CHECK(fs::exists(w.dir + "/runs/seeded/cells/quad__lora__seed3/epoch_1/trainable.safetensors"));
+}
+
+TEST_CASE("e2e: a study rerun after its base model was rebuilt is refused, not mixed with the old results",
+          "[e2e][slow]") {
+  const auto& w = tiny_world();
+  const std::string cache = w.dir + "/base-identity";  // its own base: the shared one stays as it is
+  const std::string own = " pretrain.cache_dir=" + cache + " run.name=identity --no-report"
+                          " study.finetune_datasets=[quad] study.methods=[lora] study.epochs=1";
+  auto a = emt_test::run_cli("study " + w.config + own);
+  INFO(a.output);
+  REQUIRE(a.code == 0);
+  CHECK(fs::exists(w.dir + "/runs/identity/base.json"));
+  auto same = emt_test::run_cli("study " + w.config + own);  // the same base: every row is reused
+  INFO(same.output);
+  CHECK(same.code == 0);
+  CHECK_THAT(same.output, Catch::Contains("1 already complete"));
+  auto rebuilt = emt_test::run_cli("pretrain " + w.config + " pretrain.cache_dir=" + cache + " --force");
+  REQUIRE(rebuilt.code == 0);
+  auto b = emt_test::run_cli("study " + w.config + own);
+  INFO(b.output);
+  CHECK(b.code != 0);
+  CHECK_THAT(b.output, Catch::Contains("another base model") && Catch::Contains("run.name") &&
+                           Catch::Contains("base.json"));
+}
+
 TEST_CASE("e2e: a study killed between cells resumes without recomputing or losing cells", "[e2e][slow]") {
   const auto& w = tiny_world();
   auto k = emt_test::run_cli_env("EMT_FAULT_AFTER_CELLS=1", "study " + w.config + " run.name=study --no-report");

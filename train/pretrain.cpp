@@ -301,6 +301,10 @@ std::vector<PretrainSource> pretrain_sources(const RunConfig& cfg) {
       throw ConfigError(fmt::format("[pretrain] data.datasets.{}: that name belongs to the recipe's rendered letters "
                                     "(pretrain.letters); rename the dataset or set pretrain.letters: false",
                                     kGenericLetters));
+    if (!built_with_opencv())
+      throw ConfigError("[pretrain] pretrain.letters: the rendered letters are drawn with OpenCV, and this emt was "
+                        "built without it (EMT_WITH_OPENCV=OFF); build the tiny base with OpenCV, or set "
+                        "pretrain.letters: false (another recipe, without the letters' lists)");
     PretrainSource s;
     s.name = kGenericLetters;
     s.generic = true;
