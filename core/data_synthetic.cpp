@@ -120,8 +120,8 @@ cv::Mat shape_mask(int shape, double cx, double cy, double r, double rot) {
   return m;
 }
 
-// Letter mask (255 inside) on the kCanvas grid: one of four typefaces and stroke weights, the glyph's height
-// 50-75% of the canvas, centred near (cx, cy) and tilted by `rot` radians.
+// Letter mask (255 inside) on the kCanvas grid: one of four typefaces, `weight` the stroke width, the glyph
+// `height` pixels tall (the caller draws 46-75% of the canvas), centred near (cx, cy), tilted by `rot` radians.
 cv::Mat letter_mask(const std::string& letter, int font, int weight, double height, double cx, double cy, double rot) {
   static const int kFonts[] = {cv::FONT_HERSHEY_SIMPLEX, cv::FONT_HERSHEY_DUPLEX, cv::FONT_HERSHEY_COMPLEX,
                                cv::FONT_HERSHEY_TRIPLEX};

@@ -256,7 +256,7 @@ class Study {
             "compute the study again", run_dir_, dir, had.empty() ? "unreadable" : had, id, run_dir_));
       return;
     }
-    if (fs::exists(results_path_) && !done_keys(results_path_).empty())
+    if (fs::exists(results_path_) && fs::file_size(results_path_) > 0)  // rows are read once, after this check
       log_warn("[study] {} holds results but no base.json (written before base identities were recorded): they "
                "are reused as they are, assumed to come from the base in {}", run_dir_, dir);
     if (main())
